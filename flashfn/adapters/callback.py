@@ -1,0 +1,344 @@
+"""``FlashModeCallback``: Flash Mode acting on a ``transformers`` Trainer run, given only through ``callbacks=[...]``.
+
+What it does to the run (each step is planned by :func:`flashfn.core.flash.plan_step`
+and folded in by :func:`flashfn.core.flash.flash_update`; this class holds the
+state and the hooks, nothing more):
+
+- ``on_train_begin``: finds the ALAS layers (:func:`flashfn.func.find_layers`),
+  installs a :class:`flashfn.func.BlockSkipper`, wraps ``model.forward`` to
+  record the loss and, for the supported heads, apply sample weights.
+- ``on_step_begin``: plans the step and sets the skipped layers (their
+  backward is really not done on any micro-batch of the step).
+- ``on_pre_optimizer_step`` (after the Trainer's clipping): reads the real
+  gradients, fills skipped layers with ALAS's predictions, and clips the
+  completed gradient to ``max_grad_norm`` again, so no injected gradient
+  escapes the run's clipping.
+- ``on_optimizer_step``: GCA's rollback, checkpoint and virtual steps, through
+  the inner optimizer, only when the real step was not skipped by a gradient
+  scaler; the learning-rate schedule is never advanced by a virtual step.
+- ``on_step_end``: clears the skip set, records the step time, logs the
+  figures every ``log_every`` steps through ``Trainer.log`` (so ``report_to``
+  integrations see them).
+- ``on_train_end``: removes every hook and prints the statistics box when ``verbose``.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import inspect
+import logging
+import math
+import time
+from typing import Any, Dict, List, Optional
+
+import torch
+from torch import nn
+
+from ..config import FlashConfig
+from ..core.flash import FlashState, StepPlan, flash_init, flash_update, plan_step
+from ..core.gca import GCADecision
+from ..core.weighting import weigh_samples
+from ..func.hf_losses import head_kind, weighted_head_loss
+from ..func.layers import LayerMap, find_layers
+from ..func.skipping import BlockSkipper
+from .stats import FlashStats, StepTimer
+
+try:  # transformers is an optional extra: the class still imports without it, but cannot be used with a Trainer
+    from transformers import TrainerCallback
+except ImportError:  # pragma: no cover - exercised only without the extra
+    TrainerCallback = object  # type: ignore[misc,assignment]
+
+logger = logging.getLogger("flashfn")
+
+__all__ = ["FlashModeCallback"]
+
+
+def _find_trainer() -> Any:
+    """The ``Trainer`` that is calling us (found on the call stack), or ``None``."""
+    try:
+        from transformers import Trainer
+    except ImportError:  # pragma: no cover
+        return None
+    frame = inspect.currentframe()
+    while frame is not None:
+        obj = frame.f_locals.get("self")
+        if isinstance(obj, Trainer):
+            return obj
+        frame = frame.f_back
+    return None
+
+
+class FlashModeCallback(TrainerCallback):
+    """Flash Mode for the ``transformers`` Trainer.
+
+    Args:
+        config: the configuration (``FlashConfig()`` when ``None``).
+        verbose: print the statistics box at the end of training (and log
+            decisions). ``config.verbose`` is honoured too: both must be true.
+
+    Example:
+        >>> from flashfn import FlashConfig, FlashModeCallback
+        >>> cb = FlashModeCallback(FlashConfig(warmup_steps=10))
+        >>> cb.config.warmup_steps
+        10
+    """
+
+    def __init__(self, config: Optional[FlashConfig] = None, verbose: bool = True) -> None:
+        if config is None:
+            config = FlashConfig()
+        if not isinstance(config, FlashConfig):
+            raise TypeError(f"FlashModeCallback: config must be a FlashConfig, got {type(config).__name__}")
+        if not isinstance(verbose, bool):
+            raise TypeError(f"FlashModeCallback: verbose must be a bool, got {verbose!r}")
+        self.config = config
+        self.verbose = verbose and config.verbose
+        self.state: Optional[FlashState] = None
+        self.stats: Optional[FlashStats] = None
+        self.timer = StepTimer()
+        self.lmap: Optional[LayerMap] = None
+        self.events: List[str] = []
+        self._model: Optional[nn.Module] = None
+        self._trainer: Any = None
+        self._skipper: Optional[BlockSkipper] = None
+        self._orig_forward: Any = None
+        self._kind: Optional[str] = None
+        self._weighting_on = False
+        self._plan: Optional[StepPlan] = None
+        self._decision = GCADecision(False, 0, False, False)
+        self._snapshot: Optional[Dict[str, Any]] = None
+        self._step_losses: List[torch.Tensor] = []
+        self._step_weights: List[torch.Tensor] = []
+        self._t0 = 0.0
+        self._params: Dict[str, nn.Parameter] = {}
+        self._total_params = 0
+        self._alas_on = config.enable_alas
+        self._gca_on = config.enable_gca
+        self._max_grad_norm = 0.0
+
+    # ------------------------------------------------------------------ set-up
+    def _log(self, msg: str, *args: Any, warn: bool = False) -> None:
+        self.events.append(msg % args if args else msg)
+        (logger.warning if warn else logger.info)(msg, *args)
+
+    def _check_setup(self, args: Any) -> None:
+        if getattr(args, "deepspeed", None) or getattr(args, "fsdp", None):
+            raise RuntimeError(
+                "Flash Mode does not support DeepSpeed or FSDP: their sharded gradients and optimizer states cannot "
+                "be read, predicted or restored by the callback. Remove FlashModeCallback or train without them."
+            )
+        if getattr(args, "world_size", 1) > 1:
+            if self._alas_on or self._gca_on:
+                self._log("Flash Mode: %d processes: ALAS and GCA are turned off (not supported under data "
+                          "parallelism yet); sample weighting stays on.", args.world_size, warn=True)
+            self._alas_on = False
+            self._gca_on = False
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, model: Optional[nn.Module] = None, **kwargs: Any):
+        if model is None:
+            raise RuntimeError("FlashModeCallback needs the Trainer's model (got none in on_train_begin)")
+        if self._model is not None:
+            self._teardown()
+        self._check_setup(args)
+        cfg = self.config
+        self._model = model
+        self._trainer = _find_trainer()
+        self._max_grad_norm = float(getattr(args, "max_grad_norm", 0.0) or 0.0)
+        self._params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+        self._total_params = sum(p.numel() for p in self._params.values())
+        lmap = find_layers(model, cfg.layers)
+        lmap = LayerMap(lmap.names, tuple(tuple(n for n in names if n in self._params) for names in lmap.params),
+                        tuple(n for n in lmap.others if n in self._params))
+        if self._alas_on and len(lmap) == 0:
+            self._log("Flash Mode: no repeated blocks found in %s: ALAS has nothing to skip and is off. Pass "
+                      "FlashConfig(layers=[...]) to name them.", type(model).__name__, warn=True)
+            self._alas_on = False
+        self.lmap = lmap
+        if self._alas_on:
+            self._skipper = BlockSkipper(model, lmap, cfg.alas_mechanism)
+        if cfg.warmup_steps >= getattr(args, "max_steps", 0) > 0:
+            self._log("Flash Mode: max_steps=%d <= warmup_steps=%d: the whole run is warm-up (plain training).",
+                      args.max_steps, cfg.warmup_steps, warn=True)
+        self._kind = head_kind(model)
+        self._weighting_on = cfg.enable_sample_weighting
+        if self._weighting_on and self._kind is None:
+            self._log("Flash Mode: sample weighting is off: the loss of %s cannot be split per sample "
+                      "(supported: causal LM, masked LM, sequence and token classification).",
+                      type(model).__name__, warn=True)
+            self._weighting_on = False
+        self._wrap_forward(model)
+        if self.state is None:  # a resumed state may have been loaded already
+            layer_params = tuple(tuple(self._params[n].detach() for n in names) for names in lmap.params)
+            others = tuple(self._params[n].detach() for n in lmap.others)
+            self.state = flash_init(layer_params, others, with_gca=self._gca_on)
+        self._effective = cfg.replace(enable_alas=self._alas_on, enable_gca=self._gca_on,
+                                      enable_sample_weighting=self._weighting_on)
+
+    def _wrap_forward(self, model: nn.Module) -> None:
+        orig = model.forward
+        self._orig_forward = orig
+        cb = self
+
+        @functools.wraps(orig)
+        def forward(*args: Any, **kwargs: Any) -> Any:
+            labels = kwargs.get("labels")
+            plan = cb._plan
+            if labels is None or plan is None or not plan.weigh or not model.training:
+                out = orig(*args, **kwargs)
+                loss = out.get("loss") if isinstance(out, dict) else None
+                if loss is not None and model.training:
+                    cb._step_losses.append(loss.detach().float().reshape(()))
+                return out
+            kw = dict(kwargs)
+            kw.pop("labels")
+            n_items = kw.pop("num_items_in_batch", None)
+            out = orig(*args, **kw)
+            if not isinstance(out, dict) or out.get("logits") is None:
+                cb._log("Flash Mode: sample weighting is off: %s did not return logits in a dict output.",
+                        type(model).__name__, warn=True)
+                cb._weighting_on = False
+                cb._effective = cb._effective.replace(enable_sample_weighting=False)
+                cb._plan = plan._replace(weigh=False)
+                return forward(*args, **kwargs)
+            cfg = cb.config
+
+            def weights_fn(losses: torch.Tensor) -> torch.Tensor:
+                return weigh_samples(losses, min_weight=cfg.min_sample_weight,
+                                     low_loss_threshold=cfg.low_loss_threshold)
+
+            loss, per_sample, w = weighted_head_loss(cb._kind, out["logits"], labels, weights_fn, n_items)
+            plain = per_sample.mean() if per_sample.numel() else loss.detach()
+            cb._step_losses.append(plain.float().reshape(()))
+            if w is not None:
+                cb._step_weights.append(w.detach())
+            out["loss"] = loss
+            return out
+
+        model.forward = forward
+
+    def _teardown(self) -> None:
+        if self._skipper is not None:
+            self._skipper.remove()
+            self._skipper = None
+        if self._model is not None and self._orig_forward is not None:
+            try:
+                del self._model.forward  # the instance attribute; the class's forward shows again
+            except AttributeError:
+                pass
+        self._orig_forward = None
+        self._model = None
+
+    # ------------------------------------------------------------------ per step
+    def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any):
+        if self.state is None:
+            return
+        self._plan = plan_step(self.state, self._effective)
+        self._step_losses, self._step_weights = [], []
+        if self._skipper is not None:
+            self._skipper.set(self._plan.skipped)
+        self._t0 = time.perf_counter()
+
+    def on_pre_optimizer_step(self, args: Any, state: Any, control: Any, optimizer: Any = None, **kwargs: Any):
+        if self.state is None or self._plan is None:
+            return
+        _unscale(optimizer)
+        lmap, params, plan = self.lmap, self._params, self._plan
+        layer_grads = tuple(
+            tuple(_grad_or_zeros(params[n]) for n in names) if bool(plan.compute[i]) else None
+            for i, names in enumerate(lmap.params))
+        layer_params = tuple(tuple(params[n].detach() for n in names) for names in lmap.params)
+        other_grads = tuple(_grad_or_zeros(params[n]) for n in lmap.others) if self._gca_on else None
+        loss = torch.stack(self._step_losses).mean() if self._step_losses else torch.tensor(float("nan"))
+        weights = torch.cat([w.flatten() for w in self._step_weights]) if self._step_weights else None
+        self.state, preds, self._decision = flash_update(self.state, self._effective, plan, layer_grads,
+                                                         layer_params, loss, other_grads=other_grads, weights=weights)
+        injected = []
+        for i, pred in enumerate(preds):
+            if pred is None:
+                continue
+            for n, g in zip(lmap.params[i], pred):
+                params[n].grad = g.to(params[n].dtype)
+                injected.append(params[n])
+        if injected and self._max_grad_norm > 0:
+            grads = [p.grad for p in params.values() if p.grad is not None]
+            total = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
+            if float(total) > self._max_grad_norm:
+                scale = self._max_grad_norm / (float(total) + 1e-6)
+                for g in grads:
+                    g.mul_(scale)
+
+    def on_optimizer_step(self, args: Any, state: Any, control: Any, optimizer: Any = None, **kwargs: Any):
+        dec = self._decision
+        self._decision = GCADecision(False, 0, False, False)
+        if not self._gca_on or optimizer is None:
+            return
+        if getattr(optimizer, "step_was_skipped", False):
+            return
+        inner = getattr(optimizer, "optimizer", optimizer)
+        if dec.rollback:
+            if self._snapshot is not None:
+                with torch.no_grad():
+                    for n, p in self._params.items():
+                        p.copy_(self._snapshot["params"][n])
+                inner.load_state_dict(copy.deepcopy(self._snapshot["optimizer"]))
+                self._log("Flash Mode: GCA rollback at step %d (loss rose after virtual steps)", state.global_step)
+            return
+        if dec.checkpoint:
+            self._snapshot = {"params": {n: p.detach().clone() for n, p in self._params.items()},
+                              "optimizer": copy.deepcopy(inner.state_dict())}
+        for _ in range(dec.n_virtual):
+            inner.step()
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any):
+        if self.state is None or self._plan is None:
+            return
+        if self._skipper is not None:
+            self._skipper.clear()
+        self.timer.add(time.perf_counter() - self._t0, skipped_any=bool(self._plan.skipped))
+        self._plan = None
+        if int(self.state.step) % self.config.log_every == 0:
+            self.stats = FlashStats.compute(self.state, self.timer, self._total_params)
+            logs = {f"flash/{k}": v for k, v in self.stats.items() if isinstance(v, (int, float)) and v is not None
+                    and not (isinstance(v, float) and math.isnan(v))}
+            if self._trainer is not None:
+                self._trainer.log(logs)
+            else:
+                state.log_history.append({**logs, "step": state.global_step})
+
+    def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any):
+        if self.state is not None:
+            self.stats = FlashStats.compute(self.state, self.timer, self._total_params)
+            if self.verbose:
+                print(self.stats.box())
+        self._teardown()
+
+    # ------------------------------------------------------------------ public
+    def get_stats(self) -> FlashStats:
+        """The run's figures now (see :mod:`flashfn.adapters.stats` for their definitions)."""
+        if self.state is None:
+            raise RuntimeError("FlashModeCallback.get_stats: training has not started")
+        return FlashStats.compute(self.state, self.timer, self._total_params)
+
+    def should_compute_backward(self, layer_name: str) -> bool:
+        """Whether the layer holding ``layer_name`` (a parameter name or block path) computes its backward this step."""
+        if self.lmap is None:
+            raise RuntimeError("FlashModeCallback.should_compute_backward: training has not started")
+        i = self.lmap.layer_of(layer_name)
+        if i is None or self._plan is None:
+            return True
+        return bool(self._plan.compute[i])
+
+
+def _grad_or_zeros(p: torch.Tensor) -> torch.Tensor:
+    return p.grad.detach() if p.grad is not None else torch.zeros_like(p)
+
+
+def _unscale(optimizer: Any) -> None:
+    """Unscale fp16 gradients now if the Trainer did not (no clipping): the history must be in true units."""
+    scaler = getattr(optimizer, "scaler", None)
+    if scaler is None or not getattr(scaler, "is_enabled", lambda: False)():
+        return
+    try:
+        scaler.unscale_(getattr(optimizer, "optimizer", optimizer))
+    except RuntimeError:  # already unscaled by the Trainer's clipping
+        pass

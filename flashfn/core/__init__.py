@@ -1,0 +1,23 @@
+"""The functional core: pure functions over immutable state (NamedTuples), no ``nn.Module``, no printing."""
+
+from .alas import (
+    ALASState,
+    alas_init,
+    alas_update,
+    interpolate,
+    layer_heat,
+    reset_activity,
+    should_backward,
+    state_nbytes,
+)
+from .gca import GCADecision, GCAState, gca_init, gca_reset, gca_update
+from .safety import SafetyEvents, SafetyState, is_active, is_honest_step, safety_init, safety_update
+from .weighting import WeightingState, weigh_samples, weighted_loss, weighting_init, weighting_update
+
+__all__ = [
+    "ALASState", "alas_init", "alas_update", "interpolate", "layer_heat", "reset_activity", "should_backward",
+    "state_nbytes",
+    "GCADecision", "GCAState", "gca_init", "gca_reset", "gca_update",
+    "SafetyEvents", "SafetyState", "is_active", "is_honest_step", "safety_init", "safety_update",
+    "WeightingState", "weigh_samples", "weighted_loss", "weighting_init", "weighting_update",
+]

@@ -1,0 +1,294 @@
+"""ALAS (Adaptive Layer Activity Spectrum): pure functions over ``ALASState``.
+
+A *layer* is a group of parameters (for a transformer, one residual block).
+Gradients and parameters enter as ``LayerTree``: a tuple over layers of tuples
+of tensors, ``grads[l][k]`` being the ``k``-th parameter tensor of layer ``l``.
+A layer whose gradient was not computed on a step is passed as ``None``.
+
+Per layer the state keeps
+
+- ``heat``: ``mean|g| / mean|w|`` of its real gradients, smoothed with
+  ``activity_decay`` (how much the layer is moving);
+- ``stability``: how predictable its gradient is, *measured*: each time the
+  layer computes a real gradient, the cosine between what :func:`interpolate`
+  would have predicted (without noise) and the real gradient is recorded in
+  ``fidelity``; ``stability`` is that cosine clamped to ``[0, 1]`` and smoothed;
+- ``activity``: the probability of an honest backward, in
+  ``[min_activity, 1]``. Its target is
+  ``1 - (1 - min_activity) * stability * cold`` where
+  ``cold = min(1, mean_heat / heat)``: a layer whose gradient is both well
+  predicted and no hotter than the average may go down to ``min_activity``;
+  a hot or unpredictable one stays near 1. The target is smoothed with
+  ``activity_decay``;
+- a gradient history for :func:`interpolate`: the exponentially decayed,
+  normalised average of its past real gradients and the last two of them.
+
+Reference: the Flash Mode specification (``transformers.flash_mode`` v1.1.3);
+the skipping itself follows DropBP (Woo et al., 2024, arXiv 2402.17812).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Optional, Sequence, Tuple
+
+import optree
+import torch
+
+from ._util import ema, generator, tree_cosine, uniform
+
+Tensor = torch.Tensor
+LayerTree = Tuple[Optional[Tuple[Tensor, ...]], ...]
+
+__all__ = [
+    "ALASState",
+    "alas_init",
+    "alas_update",
+    "should_backward",
+    "interpolate",
+    "reset_activity",
+    "layer_heat",
+    "state_nbytes",
+]
+
+_STREAM_DECIDE = 1
+_STREAM_NOISE = 2
+
+
+class ALASState(NamedTuple):
+    """Immutable state of ALAS for ``L`` layers (see the module docstring)."""
+
+    step: Tensor  # int64 scalar: updates seen
+    heat: Tensor  # [L] float32, smoothed mean|g| / mean|w|
+    stability: Tensor  # [L] float32 in [0, 1]
+    activity: Tensor  # [L] float32 in [min_activity, 1]
+    fidelity: Tensor  # [L] float32, last measured cosine(prediction, real); NaN before the first
+    skip_streak: Tensor  # [L] int64, consecutive steps without a real gradient
+    observed: Tensor  # [L] int64, number of real gradients seen
+    avg: Tuple[Tuple[Tensor, ...], ...]  # decayed normalised average of past real gradients
+    avg_weight: Tensor  # [L] float64, sum of the decay weights behind ``avg``
+    last: Tuple[Tuple[Tensor, ...], ...]  # last real gradient
+    prev: Tuple[Tuple[Tensor, ...], ...]  # the one before
+
+
+def alas_init(params: Sequence[Sequence[Tensor]], *, history_dtype: Optional[torch.dtype] = None) -> ALASState:
+    """A fresh state for the layers whose parameters are ``params``.
+
+    Args:
+        params: per layer, its parameter tensors (shapes and dtypes are taken from them).
+        history_dtype: dtype of the gradient history (default: the parameters' dtype).
+
+    Returns:
+        An ``ALASState`` with every activity at 1 (nothing is skipped before
+        anything has been measured).
+
+    Example:
+        >>> import torch
+        >>> s = alas_init(((torch.zeros(3),), (torch.zeros(2, 2),)))
+        >>> s.activity.tolist()
+        [1.0, 1.0]
+    """
+    n = len(params)
+    zeros = tuple(tuple(torch.zeros_like(p, dtype=history_dtype or p.dtype) for p in layer) for layer in params)
+    return ALASState(
+        step=torch.zeros((), dtype=torch.int64),
+        heat=torch.zeros(n),
+        stability=torch.zeros(n),
+        activity=torch.ones(n),
+        fidelity=torch.full((n,), float("nan")),
+        skip_streak=torch.zeros(n, dtype=torch.int64),
+        observed=torch.zeros(n, dtype=torch.int64),
+        avg=zeros,
+        avg_weight=torch.zeros(n, dtype=torch.float64),
+        last=zeros,
+        prev=zeros,
+    )
+
+
+def layer_heat(grads: Sequence[Tensor], params: Sequence[Tensor], eps: float = 1e-12) -> Tensor:
+    """``mean|g| / mean|w|`` of one layer, a float32 scalar."""
+    g = sum(float(x.detach().abs().sum()) for x in grads)
+    w = sum(float(x.detach().abs().sum()) for x in params)
+    return torch.tensor(g / max(w, eps), dtype=torch.float32)
+
+
+def _predict(state: ALASState, layer: int, trend_weight: float) -> Tuple[Tensor, ...]:
+    """The deterministic part of the prediction for ``layer``: average plus trend."""
+    avg, last, prev = state.avg[layer], state.last[layer], state.prev[layer]
+    if int(state.observed[layer]) < 2:
+        return avg
+    return tuple(a + trend_weight * (la - pr) for a, la, pr in zip(avg, last, prev))
+
+
+def alas_update(
+    state: ALASState,
+    grads: LayerTree,
+    params: Sequence[Sequence[Tensor]],
+    *,
+    min_activity: float = 0.3,
+    activity_decay: float = 0.95,
+    interp_decay: float = 0.9,
+    trend_weight: float = 0.2,
+) -> ALASState:
+    """Fold one step's real gradients into the state.
+
+    Args:
+        state: the current state.
+        grads: per layer, its real gradients this step, or ``None`` where the
+            layer's backward was skipped. Layers with a non-finite gradient are
+            treated as not observed (nothing non-finite enters the state).
+        params: per layer, its current parameters (for ``heat``).
+        min_activity: lower bound of ``activity``.
+        activity_decay: smoothing of ``heat``, ``stability`` and ``activity``.
+        interp_decay: decay of the gradient average used by :func:`interpolate`.
+        trend_weight: weight of the trend term used to measure fidelity.
+
+    Returns:
+        The new state; ``state`` and the inputs are not modified.
+    """
+    n = len(grads)
+    if n != state.heat.numel():
+        raise ValueError(f"alas_update: got gradients for {n} layers, the state has {state.heat.numel()}")
+    heat = state.heat.clone()
+    stability = state.stability.clone()
+    fidelity = state.fidelity.clone()
+    streak = state.skip_streak.clone()
+    observed = state.observed.clone()
+    avg_weight = state.avg_weight.clone()
+    avg, last, prev = list(state.avg), list(state.last), list(state.prev)
+    for i, g in enumerate(grads):
+        if g is None or not all(bool(torch.isfinite(x).all()) for x in g):
+            streak[i] += 1
+            continue
+        g = tuple(x.detach() for x in g)  # read only; stored copies are made below
+        h = layer_heat(g, params[i])
+        if observed[i] > 0:
+            cos = tree_cosine(_predict(state, i, trend_weight), g).float()
+            fidelity[i] = cos
+            stability[i] = ema(stability[i], cos.clamp(0.0, 1.0), activity_decay)
+            heat[i] = ema(heat[i], h, activity_decay)
+        else:
+            heat[i] = h
+        w_old = avg_weight[i] * interp_decay
+        avg_weight[i] = w_old + 1.0
+        a = float(w_old / avg_weight[i])
+        avg[i] = tuple((m * a + x.to(m.dtype) * (1.0 - a)) for m, x in zip(avg[i], g))
+        prev[i] = last[i]
+        last[i] = tuple(x.to(m.dtype, copy=True) for m, x in zip(last[i], g))
+        observed[i] += 1
+        streak[i] = 0
+    seen = heat > 0
+    mean_heat = heat[seen].mean() if bool(seen.any()) else torch.tensor(0.0)
+    cold = torch.where(seen, (mean_heat / heat.clamp_min(1e-30)).clamp(max=1.0), torch.zeros_like(heat))
+    target = 1.0 - (1.0 - min_activity) * stability * cold
+    activity = ema(state.activity, target, activity_decay).clamp(min_activity, 1.0)
+    return ALASState(
+        step=state.step + 1,
+        heat=heat,
+        stability=stability,
+        activity=activity,
+        fidelity=fidelity,
+        skip_streak=streak,
+        observed=observed,
+        avg=tuple(avg),
+        avg_weight=avg_weight,
+        last=tuple(last),
+        prev=tuple(prev),
+    )
+
+
+def should_backward(
+    state: ALASState,
+    *,
+    honest: bool = False,
+    seed: int = 0,
+    max_consecutive_skips: int = 5,
+    u: Optional[Tensor] = None,
+) -> Tensor:
+    """Which layers compute an honest backward on the next step.
+
+    The decision is ``u < activity`` with ``u`` uniform, drawn from
+    ``(seed, state.step)`` only (so every process takes the same decision).
+    A layer always computes its backward when ``honest`` is set (warm-up and
+    honest checks), when it has no gradient history yet, or after
+    ``max_consecutive_skips`` skipped steps in a row.
+
+    Args:
+        state: the current state.
+        honest: force an honest backward of every layer.
+        seed: the run's seed.
+        max_consecutive_skips: longest run of skipped steps a layer may have.
+        u: override of the uniform draws (shape ``[L]``), for tests.
+
+    Returns:
+        A bool tensor ``[L]``: ``True`` = compute the real gradient.
+
+    Example:
+        >>> import torch
+        >>> s = alas_init(((torch.zeros(3),),))
+        >>> should_backward(s).tolist()
+        [True]
+    """
+    n = state.activity.numel()
+    if honest:
+        return torch.ones(n, dtype=torch.bool)
+    if u is None:
+        u = uniform(seed, int(state.step), _STREAM_DECIDE, n)
+    mask = u.to(state.activity.dtype) < state.activity
+    mask = mask | (state.observed == 0) | (state.skip_streak >= max_consecutive_skips)
+    return mask
+
+
+def interpolate(
+    state: ALASState,
+    layers: Sequence[int],
+    *,
+    trend_weight: float = 0.2,
+    noise_scale: float = 0.05,
+    seed: int = 0,
+) -> Tuple[Tuple[Tensor, ...], ...]:
+    """Predicted gradients for ``layers`` from their history.
+
+    ``prediction = avg + trend_weight * (last - prev) + noise``, where ``avg``
+    is the normalised exponentially decayed average of the layer's past real
+    gradients (weights ``interp_decay ** age``), the trend term uses the last
+    two real gradients, and ``noise`` is Gaussian with standard deviation
+    ``noise_scale * mean|avg + trend|`` (per tensor), drawn from
+    ``(seed, state.step, layer)`` only.
+
+    Args:
+        state: the current state.
+        layers: indices of the layers to predict.
+        trend_weight: weight of the trend term.
+        noise_scale: relative scale of the exploration noise (0 disables it).
+        seed: the run's seed.
+
+    Returns:
+        One tuple of tensors per requested layer (dtype of the history).
+    """
+    out = []
+    for i in layers:
+        if int(state.observed[i]) == 0:
+            raise ValueError(f"interpolate: layer {i} has no gradient history yet")
+        base = _predict(state, i, trend_weight)
+        if noise_scale > 0:
+            gen = generator(seed, int(state.step), 1000 + int(i) * 7 + _STREAM_NOISE)
+            base = tuple(
+                b + noise_scale * b.abs().mean() * torch.randn(b.shape, generator=gen, dtype=torch.float32).to(b)
+                for b in base
+            )
+        out.append(tuple(base))
+    return tuple(out)
+
+
+def reset_activity(state: ALASState) -> ALASState:
+    """Every layer back to full activity and zero stability (used after a loss spike)."""
+    return state._replace(
+        activity=torch.ones_like(state.activity),
+        stability=torch.zeros_like(state.stability),
+        skip_streak=torch.zeros_like(state.skip_streak),
+    )
+
+
+def state_nbytes(state: ALASState) -> int:
+    """Bytes held by the state's tensors (dominated by the gradient history)."""
+    return sum(x.numel() * x.element_size() for x in optree.tree_leaves(state))

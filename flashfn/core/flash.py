@@ -1,0 +1,195 @@
+"""All of Flash Mode as one pure state machine: plan a step, then fold its outcome in.
+
+``plan_step`` says what the next optimizer step does (honest or not, which
+layers compute their backward, whether samples are weighted);
+``flash_update`` takes what really happened (the real per-layer gradients,
+the loss, the weights applied) and returns the gradients to apply (real ones,
+plus predictions for skipped layers), the new state and the GCA decision.
+The ``torch.func`` step (``flashfn.func.step``) and the Trainer callback both
+drive this same pair.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple, Optional, Sequence, Tuple
+
+import torch
+
+from .alas import ALASState, alas_init, alas_update, interpolate, reset_activity, should_backward
+from .gca import GCADecision, GCAState, gca_init, gca_reset, gca_update
+from .safety import SafetyState, is_active, is_honest_step, safety_init, safety_update
+from .weighting import WeightingState, weighting_init, weighting_update
+
+Tensor = torch.Tensor
+
+__all__ = ["Counters", "FlashState", "StepPlan", "flash_init", "plan_step", "flash_update"]
+
+
+class Counters(NamedTuple):
+    """What happened so far, counted (the statistics are computed from these)."""
+
+    steps: Tensor  # optimizer steps
+    active_steps: Tensor  # steps on which Flash Mode acted (past warm-up, not disabled)
+    honest_steps: Tensor  # steps with every layer's real gradient
+    layer_steps: Tensor  # layers x steps
+    skipped_layer_steps: Tensor  # of which skipped
+    param_steps: Tensor  # ALAS-layer parameters x steps (float64)
+    skipped_param_steps: Tensor  # of which skipped
+    virtual_steps: Tensor
+    nonfinite_steps: Tensor
+
+
+def _counters_init() -> Counters:
+    z = torch.zeros((), dtype=torch.int64)
+    zf = torch.zeros((), dtype=torch.float64)
+    return Counters(z, z, z, z, z, zf, zf, z, z)
+
+
+class FlashState(NamedTuple):
+    """The whole state of Flash Mode."""
+
+    step: Tensor  # int64, optimizer steps done
+    alas: ALASState
+    gca: GCAState
+    safety: SafetyState
+    weighting: WeightingState
+    counters: Counters
+    layer_sizes: Tensor  # [L] int64, parameters per layer
+
+
+class StepPlan(NamedTuple):
+    """What the next step does."""
+
+    active: bool  # Flash Mode acts (else: plain training)
+    honest: bool  # every layer computes its real gradient
+    compute: Tensor  # [L] bool, layers that compute their backward
+    weigh: bool  # apply sample weights
+
+    @property
+    def skipped(self) -> Tuple[int, ...]:
+        """Indices of the layers whose backward is skipped."""
+        return tuple(int(i) for i in torch.nonzero(~self.compute).flatten())
+
+
+def flash_init(layer_params: Sequence[Sequence[Tensor]], other_params: Sequence[Tensor],
+               *, history_dtype: Optional[torch.dtype] = None, with_gca: bool = True) -> FlashState:
+    """A fresh state.
+
+    Args:
+        layer_params: per ALAS layer, its parameter tensors.
+        other_params: the parameters outside every layer (always honest).
+        history_dtype: dtype of ALAS's gradient history.
+        with_gca: allocate GCA's direction (two copies of the gradient); with
+            ``False`` GCA cannot be used with this state.
+
+    Example:
+        >>> import torch
+        >>> s = flash_init(((torch.zeros(2),),), (torch.zeros(3),))
+        >>> s.layer_sizes.tolist()
+        [2]
+    """
+    layer_params = tuple(tuple(p.detach() for p in layer) for layer in layer_params)
+    gradient_like = (tuple(p.detach() for p in other_params), layer_params)
+    sizes = torch.tensor([sum(p.numel() for p in layer) for layer in layer_params], dtype=torch.int64)
+    return FlashState(
+        step=torch.zeros((), dtype=torch.int64),
+        alas=alas_init(layer_params, history_dtype=history_dtype),
+        gca=gca_init(gradient_like if with_gca else ()),
+        safety=safety_init(),
+        weighting=weighting_init(),
+        counters=_counters_init(),
+        layer_sizes=sizes,
+    )
+
+
+def plan_step(state: FlashState, cfg: Any, *, u: Optional[Tensor] = None) -> StepPlan:
+    """Plan the next optimizer step (pure; ``cfg`` is a ``FlashConfig``; ``u`` overrides ALAS's draws)."""
+    n = int(state.layer_sizes.numel())
+    active = is_active(state.safety, warmup_steps=cfg.warmup_steps, auto_disable_on_spike=cfg.auto_disable_on_spike)
+    honest = (not active) or (not cfg.enable_alas) or is_honest_step(
+        int(state.step), warmup_steps=cfg.warmup_steps, honest_check_every=cfg.honest_check_every)
+    compute = should_backward(state.alas, honest=honest, seed=cfg.seed,
+                              max_consecutive_skips=cfg.max_consecutive_skips, u=u)
+    if n == 0:
+        compute = torch.zeros(0, dtype=torch.bool)
+    return StepPlan(active=active, honest=bool(compute.all()), compute=compute,
+                    weigh=active and cfg.enable_sample_weighting)
+
+
+def flash_update(
+    state: FlashState,
+    cfg: Any,
+    plan: StepPlan,
+    layer_grads: Sequence[Optional[Sequence[Tensor]]],
+    layer_params: Sequence[Sequence[Tensor]],
+    loss: float | Tensor,
+    *,
+    other_grads: Optional[Sequence[Tensor]] = None,
+    weights: Optional[Tensor] = None,
+) -> Tuple[FlashState, Tuple[Optional[Tuple[Tensor, ...]], ...], GCADecision]:
+    """Fold one step's outcome in.
+
+    Args:
+        state: the state the plan was made from.
+        cfg: the ``FlashConfig``.
+        plan: the plan of this step.
+        layer_grads: per layer, the real gradient (``None`` where skipped).
+        layer_params: per layer, the parameters.
+        loss: the step's (unweighted) training loss.
+        other_grads: the gradients of the parameters outside every layer, in
+            the order given to :func:`flash_init`; with the layers' real or
+            predicted gradients (zeros where there is neither) they make the
+            gradient GCA follows. ``None`` skips GCA this step.
+        weights: the sample weights applied this step, if any.
+
+    Returns:
+        ``(new_state, predictions, gca_decision)``: ``predictions[l]`` is the
+        gradient to use for a skipped layer ``l`` (``None`` for a computed layer,
+        or everywhere with ``cfg.predictor == "none"``).
+    """
+    n = len(layer_grads)
+    skipped = [i for i in range(n) if layer_grads[i] is None]
+    preds: list = [None] * n
+    if skipped and cfg.predictor == "ema":
+        for i, p in zip(skipped, interpolate(state.alas, skipped, trend_weight=cfg.trend_weight,
+                                             noise_scale=cfg.noise_scale, seed=cfg.seed)):
+            preds[i] = p
+    alas = alas_update(state.alas, tuple(None if g is None else tuple(g) for g in layer_grads), layer_params,
+                       min_activity=cfg.min_activity, activity_decay=cfg.activity_decay,
+                       interp_decay=cfg.interp_decay, trend_weight=cfg.trend_weight)
+    safety, events = safety_update(state.safety, loss, warmup_steps=cfg.warmup_steps,
+                                   loss_spike_threshold=cfg.loss_spike_threshold,
+                                   auto_disable_on_spike=cfg.auto_disable_on_spike,
+                                   spike_cooldown_steps=cfg.spike_cooldown_steps)
+    gca = state.gca
+    decision = GCADecision(False, 0, False, False)
+    if cfg.enable_gca and other_grads is not None:
+        completed = tuple(
+            tuple(layer_grads[i]) if layer_grads[i] is not None
+            else preds[i] if preds[i] is not None else tuple(torch.zeros_like(p) for p in layer_params[i])
+            for i in range(n))
+        gca, decision = gca_update(gca, (tuple(other_grads), completed), loss,
+                                   coherence_threshold=cfg.coherence_threshold,
+                                   max_virtual_steps=cfg.max_virtual_steps, checkpoint_every=cfg.gca_checkpoint_every,
+                                   smoothing=cfg.gca_smoothing, rollback_threshold=cfg.loss_spike_threshold,
+                                   allow_virtual=plan.active and not events.spike)
+    if events.spike:
+        alas = reset_activity(alas)
+        gca = gca_reset(gca)
+    weighting = weighting_update(state.weighting, weights) if (weights is not None and plan.weigh) else state.weighting
+    sizes = state.layer_sizes.double()
+    mask = torch.tensor([g is None for g in layer_grads], dtype=torch.bool)
+    c = state.counters
+    counters = Counters(
+        steps=c.steps + 1,
+        active_steps=c.active_steps + int(plan.active),
+        honest_steps=c.honest_steps + int(not skipped),
+        layer_steps=c.layer_steps + n,
+        skipped_layer_steps=c.skipped_layer_steps + len(skipped),
+        param_steps=c.param_steps + sizes.sum(),
+        skipped_param_steps=c.skipped_param_steps + (sizes[mask].sum() if n else 0.0),
+        virtual_steps=c.virtual_steps + decision.n_virtual,
+        nonfinite_steps=c.nonfinite_steps + int(events.nonfinite),
+    )
+    new = FlashState(state.step + 1, alas, gca, safety, weighting, counters, state.layer_sizes)
+    return new, tuple(preds), decision

@@ -1,0 +1,93 @@
+"""Per-sample losses for the standard Hugging Face heads, normalised exactly as the model's own loss.
+
+Supported heads (by class name and config):
+
+- causal LM (``*ForCausalLM``, ``*LMHeadModel``): token cross-entropy with the
+  labels shifted by one, ``-100`` ignored;
+- masked LM (``*ForMaskedLM``) and token classification
+  (``*ForTokenClassification``): token cross-entropy, ``-100`` ignored;
+- sequence classification (``*ForSequenceClassification``) with
+  ``num_labels > 1`` and single-label targets: cross-entropy per sample.
+
+The model's loss is ``sum(token terms) / N`` with ``N`` the number of counted
+targets in the batch, or the ``num_items_in_batch`` the Trainer passes under
+gradient accumulation; :func:`weighted_head_loss` keeps that ``N`` so that
+unit weights give the model's own loss.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional, Tuple
+
+import torch
+from torch import nn
+
+from .per_sample import token_losses_per_sample
+
+Tensor = torch.Tensor
+
+__all__ = ["head_kind", "per_sample_head_terms", "weighted_head_loss"]
+
+
+def head_kind(model: nn.Module) -> Optional[str]:
+    """``"causal"``, ``"token"`` or ``"sequence"`` for a supported head, else ``None``."""
+    name = type(model).__name__
+    cfg = getattr(model, "config", None)
+    if name.endswith("ForCausalLM") or name.endswith("LMHeadModel"):
+        return "causal"
+    if name.endswith("ForMaskedLM") or name.endswith("ForTokenClassification"):
+        return "token"
+    if name.endswith("ForSequenceClassification"):
+        num_labels = getattr(cfg, "num_labels", 2)
+        problem = getattr(cfg, "problem_type", None)
+        if num_labels > 1 and problem in (None, "single_label_classification"):
+            return "sequence"
+    return None
+
+
+def per_sample_head_terms(kind: str, logits: Tensor, labels: Tensor) -> Tuple[Tensor, Tensor]:
+    """Per sample: the sum of its loss terms and its number of counted targets."""
+    if kind == "causal":
+        labels = nn.functional.pad(labels, (0, 1), value=-100)[..., 1:]
+        return token_losses_per_sample(logits, labels)
+    if kind == "token":
+        return token_losses_per_sample(logits, labels)
+    if kind == "sequence":
+        if labels.dim() != 1 or labels.dtype not in (torch.int64, torch.int32):
+            raise ValueError("sequence classification labels must be class indices of shape [batch]")
+        return token_losses_per_sample(logits, labels.long())
+    raise ValueError(f"unsupported head kind {kind!r}")
+
+
+def weighted_head_loss(
+    kind: str,
+    logits: Tensor,
+    labels: Tensor,
+    weights_fn: Any = None,
+    num_items_in_batch: Optional[Any] = None,
+) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
+    """The head's loss with per-sample weights.
+
+    Args:
+        kind: from :func:`head_kind`.
+        logits: the model's logits.
+        labels: the labels given to the model.
+        weights_fn: ``weights_fn(per_sample_losses) -> weights``, or ``None`` for the plain loss.
+        num_items_in_batch: the Trainer's normaliser under gradient accumulation, if any.
+
+    Returns:
+        ``(loss, per_sample_losses, weights)``: the (weighted) loss normalised
+        like the model's own, the detached per-sample mean losses, and the
+        weights applied (``None`` without ``weights_fn``).
+    """
+    sums, counts = per_sample_head_terms(kind, logits, labels)
+    n = counts.sum() if num_items_in_batch is None else num_items_in_batch
+    if isinstance(n, Tensor):
+        n = n.to(sums.device)
+    per_sample = (sums.detach() / counts.clamp_min(1)).detach()
+    if weights_fn is None:
+        return sums.sum() / n, per_sample, None
+    w = weights_fn(per_sample).to(sums.dtype)
+    # a sample without counted targets keeps weight 1 (it contributes nothing either way)
+    w = torch.where(counts > 0, w, torch.ones_like(w))
+    return (w * sums).sum() / n, per_sample, w[counts > 0]
