@@ -118,12 +118,16 @@ class FlashConfig:
         _check("max_consecutive_skips", self.max_consecutive_skips, int, 1)
         _check("gca_smoothing", self.gca_smoothing, float, 0.0, 1.0, hi_open=True)
         _check("spike_cooldown_steps", self.spike_cooldown_steps, int, 0)
+        for name, choices in (("alas_mechanism", MECHANISMS), ("predictor", PREDICTORS)):
+            if not isinstance(getattr(self, name), str):
+                raise TypeError(f"FlashConfig.{name} must be a str, one of {choices}, got {getattr(self, name)!r}")
         if self.alas_mechanism not in MECHANISMS:
             raise ValueError(f"FlashConfig.alas_mechanism must be one of {MECHANISMS}, got {self.alas_mechanism!r}")
         if self.predictor not in PREDICTORS:
             raise ValueError(f"FlashConfig.predictor must be one of {PREDICTORS}, got {self.predictor!r}")
         if self.layers is not None:
-            if isinstance(self.layers, str) or not all(isinstance(x, str) for x in self.layers):
+            if isinstance(self.layers, str) or not isinstance(self.layers, (list, tuple)) \
+                    or not all(isinstance(x, str) for x in self.layers):
                 raise TypeError(f"FlashConfig.layers must be a sequence of module paths (str), got {self.layers!r}")
             object.__setattr__(self, "layers", tuple(self.layers))
             if not self.layers:

@@ -39,7 +39,7 @@ from ..config import FlashConfig
 from ..core.flash import FlashState, StepPlan, flash_init, flash_update, plan_step
 from ..core.gca import GCADecision
 from ..core.weighting import weigh_samples
-from ..func.hf_losses import head_kind, weighted_head_loss
+from ..func.hf_losses import head_kind, honours_num_items, weighted_head_loss
 from ..func.layers import LayerMap, find_layers
 from ..func.skipping import BlockSkipper
 from .stats import FlashStats, StepTimer
@@ -104,6 +104,7 @@ class FlashModeCallback(TrainerCallback):
         self._orig_forward: Any = None
         self._kind: Optional[str] = None
         self._weighting_on = False
+        self._honours_n_items: Optional[bool] = None
         self._plan: Optional[StepPlan] = None
         self._decision = GCADecision(False, 0, False, False)
         self._snapshot: Optional[Dict[str, Any]] = None
@@ -192,14 +193,18 @@ class FlashModeCallback(TrainerCallback):
             kw = dict(kwargs)
             kw.pop("labels")
             n_items = kw.pop("num_items_in_batch", None)
+            if n_items is not None and cb._honours_n_items is None:
+                probe_kwargs = {k: v for k, v in kwargs.items() if k != "num_items_in_batch"}
+                cb._honours_n_items = honours_num_items(model, cb._kind, args, probe_kwargs, n_items, forward=orig)
+                if cb._honours_n_items is None:
+                    return cb._weighting_off("the loss of %s is not normalised like its head's standard loss",
+                                             type(model).__name__, plan, forward, args, kwargs)
+            if not cb._honours_n_items:
+                n_items = None  # the model's own loss divides by its own count
             out = orig(*args, **kw)
             if not isinstance(out, dict) or out.get("logits") is None:
-                cb._log("Flash Mode: sample weighting is off: %s did not return logits in a dict output.",
-                        type(model).__name__, warn=True)
-                cb._weighting_on = False
-                cb._effective = cb._effective.replace(enable_sample_weighting=False)
-                cb._plan = plan._replace(weigh=False)
-                return forward(*args, **kwargs)
+                return cb._weighting_off("%s did not return logits in a dict output", type(model).__name__,
+                                         plan, forward, args, kwargs)
             cfg = cb.config
 
             def weights_fn(losses: torch.Tensor) -> torch.Tensor:
@@ -215,6 +220,14 @@ class FlashModeCallback(TrainerCallback):
             return out
 
         model.forward = forward
+
+    def _weighting_off(self, why: str, name: str, plan: StepPlan, forward: Any, args: tuple, kwargs: dict) -> Any:
+        """Turn sample weighting off for the rest of the run (logged once) and run the plain forward."""
+        self._log("Flash Mode: sample weighting is off: " + why + ".", name, warn=True)
+        self._weighting_on = False
+        self._effective = self._effective.replace(enable_sample_weighting=False)
+        self._plan = plan._replace(weigh=False)
+        return forward(*args, **kwargs)
 
     def _teardown(self) -> None:
         if self._skipper is not None:

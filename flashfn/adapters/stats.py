@@ -2,13 +2,14 @@
 
 Definitions (also in ``docs/statistics.md``):
 
-- **Effective Speedup** = ``t_full * (real_steps + virtual_steps) / total_step_time``
+- **Effective Speedup** = ``t_full * timed_steps * (1 + virtual_steps / real_steps) / total_step_time``
   where ``t_full`` is the median wall-clock time of this run's steps on which
   every layer computed its real backward (warm-up, honest checks, steps where
   ALAS skipped nothing), and ``total_step_time`` the summed wall-clock time of
   all steps (from ``on_step_begin`` to ``on_step_end``: forward, backward,
   clipping, Flash Mode's own work, optimizer and virtual steps; not data
-  loading, logging or evaluation). It estimates how much faster the run
+  loading, logging or evaluation; the first step, which pays one-time costs,
+  is not timed). It estimates how much faster the run
   *stepped* than the same number of full steps would have; it counts a
   virtual step as worth a real one and says nothing about quality, which
   only a side-by-side benchmark (``flashfn bench``) can measure. ``n/a`` until
@@ -25,6 +26,7 @@ Definitions (also in ``docs/statistics.md``):
 from __future__ import annotations
 
 import statistics
+import unicodedata
 from typing import Any, Dict, List, Optional
 
 from ..core.flash import FlashState
@@ -33,14 +35,22 @@ __all__ = ["FlashStats", "StepTimer", "format_box"]
 
 
 class StepTimer:
-    """Wall-clock times of steps, split into full steps and steps with skipped layers."""
+    """Wall-clock times of steps, split into full steps and steps with skipped layers.
+
+    The first step of a run pays one-time costs (allocations, lazy
+    initialisation) and is not recorded (``ignored`` counts it).
+    """
 
     def __init__(self) -> None:
         self.full: List[float] = []
         self.skipping: List[float] = []
+        self.ignored = 0
 
     def add(self, seconds: float, *, skipped_any: bool) -> None:
         """Record one step."""
+        if self.ignored == 0:
+            self.ignored = 1
+            return
         (self.skipping if skipped_any else self.full).append(float(seconds))
 
     @property
@@ -50,12 +60,13 @@ class StepTimer:
 
     def state_dict(self) -> Dict[str, List[float]]:
         """The recorded times."""
-        return {"full": list(self.full), "skipping": list(self.skipping)}
+        return {"full": list(self.full), "skipping": list(self.skipping), "ignored": self.ignored}
 
     def load_state_dict(self, d: Dict[str, List[float]]) -> None:
         """Restore recorded times."""
         self.full = [float(x) for x in d.get("full", [])]
         self.skipping = [float(x) for x in d.get("skipping", [])]
+        self.ignored = int(d.get("ignored", 0))
 
 
 class FlashStats(dict):
@@ -69,7 +80,10 @@ class FlashStats(dict):
         virtual = int(c.virtual_steps)
         t_full = statistics.median(timer.full) if timer and timer.full else None
         total_time = timer.total if timer else 0.0
-        speedup = (t_full * (steps + virtual) / total_time) if (t_full and total_time > 0) else None
+        timed = len(timer.full) + len(timer.skipping) if timer else 0
+        # progress of the timed steps (virtual steps pro rata) over their time
+        speedup = (t_full * timed * (steps + virtual) / max(steps, 1) / total_time) if (t_full and total_time > 0) \
+            else None
         measured_saving = (1.0 - statistics.fmean(timer.skipping) / t_full) if (timer and timer.skipping and t_full) \
             else None
         w = state.weighting
@@ -109,6 +123,11 @@ def _nanmean(t: Any) -> Optional[float]:
     return sum(vals) / len(vals) if vals else None
 
 
+def _display_width(text: str) -> int:
+    """Terminal columns of ``text`` (wide characters such as the emoji take two)."""
+    return sum(2 if unicodedata.east_asian_width(ch) in ("W", "F") else 1 for ch in text)
+
+
 def _pct(x: Optional[float]) -> str:
     return "n/a" if x is None else f"{100.0 * x:.1f}%"
 
@@ -135,6 +154,6 @@ def format_box(s: Dict[str, Any], width: int = 70) -> str:
         if line is None:
             out.append("╠" + "═" * width + "╣")
         else:
-            out.append("║  " + line.ljust(width - 2) + "║")
+            out.append("║  " + line + " " * max(0, width - 2 - _display_width(line)) + "║")
     out.append("╚" + "═" * width + "╝")
     return "\n".join(out)

@@ -115,7 +115,7 @@ def _predict(state: ALASState, layer: int, trend_weight: float) -> Tuple[Tensor,
     """The deterministic part of the prediction for ``layer``: average plus trend."""
     avg, last, prev = state.avg[layer], state.last[layer], state.prev[layer]
     if int(state.observed[layer]) < 2:
-        return avg
+        return tuple(a.clone() for a in avg)  # never hand out the state's own tensors
     return tuple(a + trend_weight * (la - pr) for a, la, pr in zip(avg, last, prev))
 
 
@@ -233,7 +233,7 @@ def should_backward(
         return torch.ones(n, dtype=torch.bool)
     if u is None:
         u = uniform(seed, int(state.step), _STREAM_DECIDE, n)
-    mask = u.to(state.activity.dtype) < state.activity
+    mask = u.double() < state.activity.double()  # full precision: activity 1 never skips
     mask = mask | (state.observed == 0) | (state.skip_streak >= max_consecutive_skips)
     return mask
 

@@ -122,7 +122,7 @@ def gca_update(
         ``(new_state, decision)``. A non-finite loss or gradient changes
         nothing but the step counter and asks for nothing.
     """
-    loss_t = torch.as_tensor(loss, dtype=torch.float64).detach()
+    loss_t = torch.as_tensor(loss, dtype=torch.float64).detach().reshape(()).clone()
     step = state.step + 1
     if not bool(torch.isfinite(loss_t)) or not tree_all_finite(gradient):
         return state._replace(step=step), GCADecision(False, 0, False, False)

@@ -96,7 +96,7 @@ def safety_update(
     Returns:
         ``(new_state, events)``.
     """
-    loss_t = torch.as_tensor(loss, dtype=torch.float64).detach().reshape(())
+    loss_t = torch.as_tensor(loss, dtype=torch.float64).detach().reshape(()).clone()
     step = state.step + 1
     if not bool(torch.isfinite(loss_t)):
         return state._replace(step=step, nonfinite=state.nonfinite + 1), SafetyEvents(False, False, True)

@@ -10,9 +10,11 @@ Supported heads (by class name and config):
   ``num_labels > 1`` and single-label targets: cross-entropy per sample.
 
 The model's loss is ``sum(token terms) / N`` with ``N`` the number of counted
-targets in the batch, or the ``num_items_in_batch`` the Trainer passes under
-gradient accumulation; :func:`weighted_head_loss` keeps that ``N`` so that
-unit weights give the model's own loss.
+targets in the batch, or, for models whose loss honours it (causal LMs in
+``transformers`` 5, not BERT's heads), the ``num_items_in_batch`` the Trainer
+passes under gradient accumulation. :func:`honours_num_items` finds out which
+by asking the model once; :func:`weighted_head_loss` keeps the model's ``N``
+so that unit weights give the model's own loss.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from .per_sample import token_losses_per_sample
 
 Tensor = torch.Tensor
 
-__all__ = ["head_kind", "per_sample_head_terms", "weighted_head_loss"]
+__all__ = ["head_kind", "honours_num_items", "per_sample_head_terms", "weighted_head_loss"]
 
 
 def head_kind(model: nn.Module) -> Optional[str]:
@@ -91,3 +93,32 @@ def weighted_head_loss(
     # a sample without counted targets keeps weight 1 (it contributes nothing either way)
     w = torch.where(counts > 0, w, torch.ones_like(w))
     return (w * sums).sum() / n, per_sample, w[counts > 0]
+
+
+def honours_num_items(model: nn.Module, kind: str, args: tuple, kwargs: dict, num_items_in_batch: Any,
+                      forward: Any = None) -> Optional[bool]:
+    """Whether ``model``'s own loss divides by ``num_items_in_batch`` (``True``) or by its own count (``False``).
+
+    Runs the model's forward once in eval mode without autograd (no dropout, no
+    random numbers drawn) with the labels and ``num_items_in_batch`` in
+    ``kwargs``, and compares its loss with both normalisations of the same
+    logits. ``None`` when neither matches (the loss is not one this module can
+    split; sample weighting must stay off).
+    """
+    forward = forward or model.forward
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            out = forward(*args, **{**kwargs, "num_items_in_batch": num_items_in_batch})
+    finally:
+        model.train(was_training)
+    loss = out.get("loss") if isinstance(out, dict) else None
+    if loss is None or out.get("logits") is None:
+        return None
+    sums, counts = per_sample_head_terms(kind, out["logits"], kwargs["labels"])
+    n_items = torch.as_tensor(num_items_in_batch, dtype=sums.dtype, device=sums.device)
+    for answer, n in ((True, n_items), (False, counts.sum().to(sums.dtype))):
+        if torch.allclose(sums.sum() / n, loss.float(), rtol=1e-4, atol=1e-6):
+            return answer
+    return None
