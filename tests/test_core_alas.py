@@ -92,14 +92,14 @@ def test_init_starts_fully_active_with_empty_history() -> None:
     assert all(t.dtype == torch.float64 for layer in s64.avg + s64.last + s64.prev for t in layer)
 
 
-def test_layer_heat_is_mean_abs_grad_over_mean_abs_weight() -> None:
+def test_layer_heat_is_rms_grad_over_rms_weight() -> None:
     params = make_params(1)[0]
     grads = rand_grads(2)[0]
-    mean_g = flat64(grads).abs().mean()
-    mean_w = flat64(params).abs().mean()
+    rms_g = flat64(grads).pow(2).mean().sqrt()
+    rms_w = flat64(params).pow(2).mean().sqrt()
     h = layer_heat(grads, params)
     assert h.dtype == torch.float32 and h.shape == ()
-    assert float(h) == pytest.approx(float(mean_g / mean_w), rel=1e-6)
+    assert float(h) == pytest.approx(float(rms_g / rms_w), rel=1e-5)
 
 
 def test_state_nbytes_grows_with_the_history_dtype() -> None:

@@ -29,21 +29,36 @@ def uniform(seed: int, step: int, stream: int, n: int) -> Tensor:
 
 
 def tree_dot(a: Any, b: Any) -> Tensor:
-    """Sum over leaves of ``<a, b>`` in float64."""
-    parts = optree.tree_leaves(optree.tree_map(lambda x, y: (x.double() * y.double()).sum(), a, b))
-    return torch.stack(parts).sum() if parts else torch.zeros((), dtype=torch.float64)
+    """Sum over leaves of ``<a, b>`` (per-leaf dot products in the leaves' dtype, summed in float64)."""
+    xs, ys = optree.tree_leaves(a), optree.tree_leaves(b)
+    if not xs:
+        return torch.zeros((), dtype=torch.float64)
+    return torch.stack([torch.vdot(x.reshape(-1), y.reshape(-1).to(x.dtype)) for x, y in zip(xs, ys)]).double().sum()
+
+
+def tree_norm(a: Any) -> Tensor:
+    """Euclidean norm of a pytree of tensors as one vector, float64 (non-finite if any leaf is)."""
+    xs = optree.tree_leaves(a)
+    if not xs:
+        return torch.zeros((), dtype=torch.float64)
+    return torch.stack(torch._foreach_norm(xs)).double().norm()
 
 
 def tree_cosine(a: Any, b: Any, eps: float = 1e-30) -> Tensor:
     """Cosine similarity between two pytrees of tensors, as if flattened into one vector."""
-    na = tree_dot(a, a).sqrt()
-    nb = tree_dot(b, b).sqrt()
-    return tree_dot(a, b) / (na * nb).clamp_min(eps)
+    return tree_dot(a, b) / (tree_norm(a) * tree_norm(b)).clamp_min(eps)
 
 
 def tree_all_finite(tree: Any) -> bool:
-    """Whether every leaf of ``tree`` is finite."""
-    return all(bool(torch.isfinite(x).all()) for x in optree.tree_leaves(tree))
+    """Whether every leaf of ``tree`` is finite (one reduction: a non-finite leaf makes the norm non-finite)."""
+    return bool(torch.isfinite(tree_norm(tree)))
+
+
+def tree_lerp(a: Any, b: Any, weight: float) -> Any:
+    """``a + weight * (b - a)`` leaf by leaf, as new tensors (``b`` cast to ``a``'s dtypes)."""
+    xs, spec = optree.tree_flatten(a)
+    ys = [y.to(x.dtype) for x, y in zip(xs, optree.tree_leaves(b))]
+    return optree.tree_unflatten(spec, list(torch._foreach_lerp(xs, ys, float(weight)))) if xs else a
 
 
 def tree_zeros_like(tree: Any, dtype: Optional[torch.dtype] = None) -> Any:

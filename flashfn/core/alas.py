@@ -7,7 +7,7 @@ A layer whose gradient was not computed on a step is passed as ``None``.
 
 Per layer the state keeps
 
-- ``heat``: ``mean|g| / mean|w|`` of its real gradients, smoothed with
+- ``heat``: ``rms(g) / rms(w)`` of its real gradients, smoothed with
   ``activity_decay`` (how much the layer is moving);
 - ``stability``: how predictable its gradient is, *measured*: each time the
   layer computes a real gradient, the cosine between what :func:`interpolate`
@@ -58,7 +58,7 @@ class ALASState(NamedTuple):
     """Immutable state of ALAS for ``L`` layers (see the module docstring)."""
 
     step: Tensor  # int64 scalar: updates seen
-    heat: Tensor  # [L] float32, smoothed mean|g| / mean|w|
+    heat: Tensor  # [L] float32, smoothed rms(g) / rms(w)
     stability: Tensor  # [L] float32 in [0, 1]
     activity: Tensor  # [L] float32 in [min_activity, 1]
     fidelity: Tensor  # [L] float32, last measured cosine(prediction, real); NaN before the first
@@ -105,10 +105,15 @@ def alas_init(params: Sequence[Sequence[Tensor]], *, history_dtype: Optional[tor
 
 
 def layer_heat(grads: Sequence[Tensor], params: Sequence[Tensor], eps: float = 1e-12) -> Tensor:
-    """``mean|g| / mean|w|`` of one layer, a float32 scalar."""
-    g = sum(float(x.detach().abs().sum()) for x in grads)
-    w = sum(float(x.detach().abs().sum()) for x in params)
-    return torch.tensor(g / max(w, eps), dtype=torch.float32)
+    """``rms(g) / rms(w)`` of one layer (over all its elements), a float32 scalar.
+
+    The root-mean-square is the magnitude used (one fused norm per tensor list);
+    the ratio is scale-free like the specification's gradient magnitude over
+    weight magnitude.
+    """
+    g = torch.stack(torch._foreach_norm([x.detach() for x in grads])).double().norm()
+    w = torch.stack(torch._foreach_norm([x.detach() for x in params])).double().norm()
+    return (g / w.clamp_min(eps)).float()
 
 
 def _predict(state: ALASState, layer: int, trend_weight: float) -> Tuple[Tensor, ...]:
@@ -116,7 +121,8 @@ def _predict(state: ALASState, layer: int, trend_weight: float) -> Tuple[Tensor,
     avg, last, prev = state.avg[layer], state.last[layer], state.prev[layer]
     if int(state.observed[layer]) < 2:
         return tuple(a.clone() for a in avg)  # never hand out the state's own tensors
-    return tuple(a + trend_weight * (la - pr) for a, la, pr in zip(avg, last, prev))
+    trend = torch._foreach_sub(list(last), list(prev))
+    return tuple(torch._foreach_add(list(avg), trend, alpha=trend_weight))
 
 
 def alas_update(
@@ -156,11 +162,12 @@ def alas_update(
     avg_weight = state.avg_weight.clone()
     avg, last, prev = list(state.avg), list(state.last), list(state.prev)
     for i, g in enumerate(grads):
-        if g is None or not all(bool(torch.isfinite(x).all()) for x in g):
+        if g is not None:
+            g = tuple(x.detach() for x in g)  # read only; stored copies are made below
+            h = layer_heat(g, params[i])  # non-finite iff a gradient is
+        if g is None or not bool(torch.isfinite(h)):
             streak[i] += 1
             continue
-        g = tuple(x.detach() for x in g)  # read only; stored copies are made below
-        h = layer_heat(g, params[i])
         if observed[i] > 0:
             cos = tree_cosine(_predict(state, i, trend_weight), g).float()
             fidelity[i] = cos
@@ -171,7 +178,7 @@ def alas_update(
         w_old = avg_weight[i] * interp_decay
         avg_weight[i] = w_old + 1.0
         a = float(w_old / avg_weight[i])
-        avg[i] = tuple((m * a + x.to(m.dtype) * (1.0 - a)) for m, x in zip(avg[i], g))
+        avg[i] = tuple(torch._foreach_lerp(list(avg[i]), [x.to(m.dtype) for m, x in zip(avg[i], g)], 1.0 - a))
         prev[i] = last[i]
         last[i] = tuple(x.to(m.dtype, copy=True) for m, x in zip(last[i], g))
         observed[i] += 1

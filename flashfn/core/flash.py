@@ -154,9 +154,11 @@ def flash_update(
         for i, p in zip(skipped, interpolate(state.alas, skipped, trend_weight=cfg.trend_weight,
                                              noise_scale=cfg.noise_scale, seed=cfg.seed)):
             preds[i] = p
-    alas = alas_update(state.alas, tuple(None if g is None else tuple(g) for g in layer_grads), layer_params,
-                       min_activity=cfg.min_activity, activity_decay=cfg.activity_decay,
-                       interp_decay=cfg.interp_decay, trend_weight=cfg.trend_weight)
+    alas = state.alas
+    if cfg.enable_alas:  # with ALAS off nothing reads its state: it costs nothing
+        alas = alas_update(alas, tuple(None if g is None else tuple(g) for g in layer_grads), layer_params,
+                           min_activity=cfg.min_activity, activity_decay=cfg.activity_decay,
+                           interp_decay=cfg.interp_decay, trend_weight=cfg.trend_weight)
     safety, events = safety_update(state.safety, loss, warmup_steps=cfg.warmup_steps,
                                    loss_spike_threshold=cfg.loss_spike_threshold,
                                    auto_disable_on_spike=cfg.auto_disable_on_spike,

@@ -32,7 +32,7 @@ from typing import Any, NamedTuple
 import optree
 import torch
 
-from ._util import ema, tree_all_finite, tree_cosine, tree_zeros_like
+from ._util import ema, tree_all_finite, tree_cosine, tree_lerp, tree_zeros_like
 
 Tensor = torch.Tensor
 
@@ -126,7 +126,7 @@ def gca_update(
     step = state.step + 1
     if not bool(torch.isfinite(loss_t)) or not tree_all_finite(gradient):
         return state._replace(step=step), GCADecision(False, 0, False, False)
-    direction = optree.tree_map(lambda d, g: ema(d, g.detach().float(), smoothing), state.direction, gradient)
+    direction = tree_lerp(state.direction, optree.tree_map(lambda g: g.detach(), gradient), 1.0 - smoothing)
     loss_ema = loss_t if bool(torch.isnan(state.loss_ema)) else ema(state.loss_ema, loss_t, smoothing)
     rollback = bool(
         state.virtual_since_ckpt > 0 and bool(torch.isfinite(state.ckpt_loss))
