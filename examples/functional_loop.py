@@ -14,8 +14,16 @@ from flashfn import FlashConfig
 from flashfn.adapters.stats import FlashStats, StepTimer
 from flashfn.core.flash import plan_step
 from flashfn.data import ByteLMDataset, byte_splits, load_corpus
-from flashfn.func import (BlockSkipper, apply_gradients, find_layers, finish_step, flash_init_for, gca_after_step,
-                          masked_value_and_grad, per_sample_losses)
+from flashfn.func import (
+    BlockSkipper,
+    apply_gradients,
+    find_layers,
+    finish_step,
+    flash_init_for,
+    gca_after_step,
+    masked_value_and_grad,
+    per_sample_losses,
+)
 
 ap = argparse.ArgumentParser()
 ap.add_argument("--steps", type=int, default=300)

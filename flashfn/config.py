@@ -133,6 +133,28 @@ class FlashConfig:
             if not self.layers:
                 raise ValueError("FlashConfig.layers must name at least one module when given")
 
+    @classmethod
+    def for_arguments(cls, owner: str, names: dict, **values: Any) -> FlashConfig:
+        """A config from another API's arguments, whose errors name that API's argument.
+
+        Args:
+            owner: the class the arguments belong to (for the messages).
+            names: ``{argument name: FlashConfig field}``.
+            **values: the arguments, by argument name.
+
+        Example:
+            >>> FlashConfig.for_arguments("SampleWeighter", {"min_weight": "min_sample_weight"},
+            ...                           min_weight=0.5).min_sample_weight
+            0.5
+        """
+        try:
+            return cls(**{names.get(k, k): v for k, v in values.items()})
+        except (TypeError, ValueError) as err:
+            msg = str(err)
+            for arg, field in names.items():
+                msg = msg.replace(f"FlashConfig.{field} ", f"{owner}({arg}=...): {arg} ")
+            raise type(err)(msg) from None
+
     def replace(self, **changes: Any) -> FlashConfig:
         """A copy with ``changes`` applied (validated like a new config)."""
         return dataclasses.replace(self, **changes)

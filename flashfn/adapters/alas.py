@@ -47,10 +47,10 @@ class ALASTracker:
                  warmup_steps: int = 0, seed: int = 0, layers: Optional[Sequence[str]] = None,
                  max_consecutive_skips: int = 5) -> None:
         # validation shares FlashConfig's rules and messages
-        self.config = FlashConfig(min_activity=min_activity, honest_check_every=honest_check_every,
-                                  activity_decay=activity_decay, warmup_steps=warmup_steps, seed=seed,
-                                  layers=tuple(layers) if layers is not None else None,
-                                  max_consecutive_skips=max_consecutive_skips)
+        self.config = FlashConfig.for_arguments(
+            "ALASTracker", {}, min_activity=min_activity, honest_check_every=honest_check_every,
+            activity_decay=activity_decay, warmup_steps=warmup_steps, seed=seed,
+            layers=tuple(layers) if isinstance(layers, list) else layers, max_consecutive_skips=max_consecutive_skips)
         self.state: Optional[ALASState] = None
         self.lmap: Optional[LayerMap] = None
         self.decision: Optional[torch.Tensor] = None

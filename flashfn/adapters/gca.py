@@ -34,9 +34,12 @@ class ConservativeGCA:
 
     def __init__(self, coherence_threshold: float = 0.95, max_virtual_steps: int = 2, checkpoint_every: int = 5,
                  *, smoothing: float = 0.8, rollback_threshold: float = 1.1) -> None:
-        cfg = FlashConfig(coherence_threshold=coherence_threshold, max_virtual_steps=max_virtual_steps,
-                          gca_checkpoint_every=checkpoint_every, gca_smoothing=smoothing,
-                          loss_spike_threshold=rollback_threshold)
+        cfg = FlashConfig.for_arguments(
+            "ConservativeGCA",
+            {"checkpoint_every": "gca_checkpoint_every", "smoothing": "gca_smoothing",
+             "rollback_threshold": "loss_spike_threshold"},
+            coherence_threshold=coherence_threshold, max_virtual_steps=max_virtual_steps,
+            checkpoint_every=checkpoint_every, smoothing=smoothing, rollback_threshold=rollback_threshold)
         self.config = cfg
         self.state: Optional[GCAState] = None
         self.last_decision = GCADecision(False, 0, False, False)

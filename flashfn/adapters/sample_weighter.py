@@ -30,7 +30,8 @@ class SampleWeighter:
     """
 
     def __init__(self, min_weight: float = 0.3, low_loss_threshold: float = 0.5) -> None:
-        cfg = FlashConfig(min_sample_weight=min_weight, low_loss_threshold=low_loss_threshold)
+        cfg = FlashConfig.for_arguments("SampleWeighter", {"min_weight": "min_sample_weight"},
+                                        min_weight=min_weight, low_loss_threshold=low_loss_threshold)
         self.min_weight = cfg.min_sample_weight
         self.low_loss_threshold = cfg.low_loss_threshold
         self.state: WeightingState = weighting_init()
