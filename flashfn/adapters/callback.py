@@ -24,7 +24,6 @@ state and the hooks, nothing more):
 
 from __future__ import annotations
 
-import copy
 import functools
 import inspect
 import logging
@@ -42,6 +41,7 @@ from ..core.weighting import weigh_samples
 from ..func.hf_losses import head_kind, honours_num_items, weighted_head_loss
 from ..func.layers import LayerMap, find_layers
 from ..func.skipping import BlockSkipper
+from ..func.step import Snapshot, gca_after_step
 from .stats import FlashStats, StepTimer
 
 try:  # transformers is an optional extra: the class still imports without it, but cannot be used with a Trainer
@@ -107,7 +107,7 @@ class FlashModeCallback(TrainerCallback):
         self._honours_n_items: Optional[bool] = None
         self._plan: Optional[StepPlan] = None
         self._decision = GCADecision(False, 0, False, False)
-        self._snapshot: Optional[Dict[str, Any]] = None
+        self._snapshot: Optional[Snapshot] = None
         self._step_losses: List[torch.Tensor] = []
         self._step_weights: List[torch.Tensor] = []
         self._t0 = 0.0
@@ -288,19 +288,9 @@ class FlashModeCallback(TrainerCallback):
         if getattr(optimizer, "step_was_skipped", False):
             return
         inner = getattr(optimizer, "optimizer", optimizer)
-        if dec.rollback:
-            if self._snapshot is not None:
-                with torch.no_grad():
-                    for n, p in self._params.items():
-                        p.copy_(self._snapshot["params"][n])
-                inner.load_state_dict(copy.deepcopy(self._snapshot["optimizer"]))
-                self._log("Flash Mode: GCA rollback at step %d (loss rose after virtual steps)", state.global_step)
-            return
-        if dec.checkpoint:
-            self._snapshot = {"params": {n: p.detach().clone() for n, p in self._params.items()},
-                              "optimizer": copy.deepcopy(inner.state_dict())}
-        for _ in range(dec.n_virtual):
-            inner.step()
+        if dec.rollback and self._snapshot is not None:
+            self._log("Flash Mode: GCA rollback at step %d (loss rose after virtual steps)", state.global_step)
+        self._snapshot = gca_after_step(dec, self._params, inner, self._snapshot)
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any):
         if self.state is None or self._plan is None:

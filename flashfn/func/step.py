@@ -159,11 +159,18 @@ def take_snapshot(params: Dict[str, Tensor], optimizer: torch.optim.Optimizer) -
 
 
 def restore_snapshot(snap: Snapshot, params: Dict[str, Tensor], optimizer: torch.optim.Optimizer) -> None:
-    """Restore the parameters and the optimizer state of ``snap`` exactly (in place)."""
+    """Restore the parameters and the optimizer's per-parameter state of ``snap`` exactly (in place).
+
+    The param groups' hyper-parameters (learning rate, ...) keep their current
+    values: they belong to the schedule, which a rollback does not rewind.
+    """
     with torch.no_grad():
         for k, v in params.items():
             v.copy_(snap.params[k])
+    hyper = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
     optimizer.load_state_dict(copy.deepcopy(snap.optimizer))
+    for group, saved in zip(optimizer.param_groups, hyper):
+        group.update(saved)
 
 
 def virtual_steps(optimizer: torch.optim.Optimizer, n: int) -> None:
