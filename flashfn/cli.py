@@ -6,7 +6,8 @@ Subcommands:
   training against Flash Mode and its components (``docs/benchmark.md``).
 
 Example:
-    >>> main(["--version"])  # doctest: +SKIP
+    >>> build_parser().parse_args(["bench", "--quick", "--workload", "fashion"]).workload
+    'fashion'
 """
 
 from __future__ import annotations

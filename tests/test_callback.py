@@ -31,7 +31,7 @@ from trainer_helpers import (
 from transformers import TrainerCallback
 
 from flashfn import FlashConfig, FlashModeCallback
-from flashfn.core import interpolate
+from flashfn.core import interpolate, unflatten
 from flashfn.core.gca import GCADecision
 
 QUIET = dict(verbose=False)
@@ -213,7 +213,8 @@ def test_skipped_layers_get_no_autograd_gradient_and_the_interpolated_one(tmp_pa
         preds = interpolate(s["state"].alas, s["skipped"], trend_weight=cfg.trend_weight,
                             noise_scale=cfg.noise_scale, seed=cfg.seed)
         for i, pred in zip(s["skipped"], preds):
-            for n, g in zip(lmap.params[i], pred):
+            shaped = unflatten(pred, [s["grads"][n] for n in lmap.params[i]])
+            for n, g in zip(lmap.params[i], shaped):
                 assert torch.equal(s["grads"][n], g.to(s["grads"][n].dtype)), n
                 assert float(g.abs().sum()) > 0
         # plain SGD: the update is -lr * the gradient the probe saw, for injected and real gradients alike
@@ -239,7 +240,8 @@ def test_injected_gradients_respect_max_grad_norm(tmp_path) -> None:
                             noise_scale=cfg.noise_scale, seed=cfg.seed)
         scales = []
         for i, pred in zip(s["skipped"], preds):
-            for n, g in zip(lmap.params[i], pred):
+            shaped = unflatten(pred, [s["grads"][n] for n in lmap.params[i]])
+            for n, g in zip(lmap.params[i], shaped):
                 seen = s["grads"][n]
                 assert float(torch.linalg.vector_norm(seen)) <= max_norm * (1 + 1e-5)
                 scales.append(float((seen * g).sum() / (g * g).sum()))

@@ -84,12 +84,12 @@ def test_init_starts_fully_active_with_empty_history() -> None:
     assert s.observed.tolist() == [0, 0] and s.skip_streak.tolist() == [0, 0]
     assert int(s.step) == 0
     assert bool(torch.isnan(s.fidelity).all())
-    for hist in (s.avg, s.last, s.prev):
-        for layer, plist in zip(hist, params):
-            assert [(t.shape, t.dtype) for t in layer] == [(p.shape, p.dtype) for p in plist]
-            assert all(bool((t == 0).all()) for t in layer)
+    for hist in (s.avg, s.last, s.prev):  # one flat vector per layer, the layer's parameters in order
+        for flat, plist in zip(hist, params):
+            assert flat.shape == (sum(p.numel() for p in plist),) and flat.dtype == plist[0].dtype
+            assert bool((flat == 0).all())
     s64 = alas_init(params, history_dtype=torch.float64)
-    assert all(t.dtype == torch.float64 for layer in s64.avg + s64.last + s64.prev for t in layer)
+    assert all(t.dtype == torch.float64 for t in s64.avg + s64.last + s64.prev)
 
 
 def test_layer_heat_is_rms_grad_over_rms_weight() -> None:
@@ -417,8 +417,8 @@ def test_interpolate_noise_is_deterministic_per_seed_and_differs_between_seeds()
 def test_interpolate_noise_has_the_documented_scale() -> None:
     shapes = (((20_000,),),)
     s = _history(3, 0, shapes)
-    clean = interpolate(s, [0], noise_scale=0.0)[0][0].double()
-    noisy = interpolate(s, [0], noise_scale=0.1, seed=4)[0][0].double()
+    clean = interpolate(s, [0], noise_scale=0.0)[0].double()
+    noisy = interpolate(s, [0], noise_scale=0.1, seed=4)[0].double()
     noise = noisy - clean
     expected_std = 0.1 * float(clean.abs().mean())
     assert float(noise.mean()) == pytest.approx(0.0, abs=0.05 * expected_std)

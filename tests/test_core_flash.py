@@ -60,8 +60,9 @@ def test_flash_init() -> None:
     assert s.layer_sizes.tolist() == SIZES
     assert int(s.step) == 0
     assert all(int(x) == 0 for x in s.counters)
-    assert [x.shape for x in optree.tree_leaves(s.gca.direction)] == [p.shape for p in optree.tree_leaves((op, lp))]
-    assert optree.tree_leaves(flash_init(lp, op, with_gca=False).gca.direction) == []
+    # GCA follows the whole gradient (outside parameters, then the layers) as one flat vector
+    assert s.gca.direction.shape == (sum(p.numel() for p in optree.tree_leaves((op, lp))),)
+    assert flash_init(lp, op, with_gca=False).gca.direction.numel() == 0
 
 
 def test_warmup_plans_are_honest_inactive_and_not_weighing() -> None:

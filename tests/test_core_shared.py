@@ -21,6 +21,10 @@ import torch.utils._pytree as torch_pytree
 import flashfn.core as core
 from flashfn.config import FlashConfig
 from flashfn.core import flash
+from flashfn.core._util import (
+    flatten,
+    unflatten,
+)
 from flashfn.core.alas import (
     alas_init,
     alas_update,
@@ -367,6 +371,8 @@ def _calls() -> dict:
         "reset_activity": (reset_activity, (alas_s,), {}),
         "layer_heat": (layer_heat, (_layer_grads(1)[0], params[0]), {}),
         "state_nbytes": (state_nbytes, (alas_s,), {}),
+        "flatten": (flatten, ((torch.ones(2, 3), torch.arange(4.0)),), dict(dtype=torch.float64)),
+        "unflatten": (unflatten, (torch.arange(10.0), (torch.ones(2, 3), torch.ones(4, dtype=torch.float64))), {}),
         "gca_init": (gca_init, ({"w": torch.ones(2, 2)},), {}),
         "gca_update": (gca_update, (gca_s, _gca_grad(9), torch.tensor(1.2)), dict(checkpoint_every=3)),
         "gca_reset": (gca_reset, (gca_s,), {}),

@@ -18,7 +18,7 @@ from torch.func import grad
 from torch.utils.flop_counter import FlopCounterMode
 
 from flashfn.config import FlashConfig
-from flashfn.core.alas import interpolate
+from flashfn.core.alas import interpolate, unflatten
 from flashfn.core.flash import StepPlan, plan_step
 from flashfn.core.gca import GCADecision
 from flashfn.func import (
@@ -237,7 +237,8 @@ def test_finish_step_interpolates_skipped_layers() -> None:
     full, grads, ref = rec["full"], rec["grads"], rec["ref"]
     assert set(full) == set(loop.params)
     for layer, pred in zip([1, 3], preds):
-        for name, p in zip(loop.lmap.params[layer], pred):
+        shaped = unflatten(pred, [loop.params[n] for n in loop.lmap.params[layer]])
+        for name, p in zip(loop.lmap.params[layer], shaped):
             assert torch.equal(full[name], p), name
             assert not torch.equal(full[name], ref[name]), name  # a prediction, not the real gradient
     for name in set(loop.params) - _layer_names(loop.lmap, [1, 3]):

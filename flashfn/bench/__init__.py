@@ -20,7 +20,7 @@ import os
 import shlex
 import sys
 import time
-from typing import List, Optional, Sequence
+from typing import Any, Optional, Sequence
 
 __all__ = ["VARIANT_NAMES", "add_arguments", "build_parser", "main", "options_from_args", "run_from_args"]
 
@@ -35,12 +35,17 @@ DESCRIPTION = (
 )
 
 
-def _variants(text: str) -> List[str]:
-    names = [t for t in text.replace(",", " ").split() if t]
-    bad = [t for t in names if t not in VARIANT_NAMES]
-    if bad:
-        raise argparse.ArgumentTypeError(f"unknown variant(s) {', '.join(bad)}; choose from {', '.join(VARIANT_NAMES)}")
-    return names
+class _VariantsAction(argparse.Action):
+    """``--variants a,b c``: comma- or space-separated names, checked against the variants, accumulated."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
+                 option_string: Optional[str] = None) -> None:
+        names = [t for v in values for t in v.replace(",", " ").split() if t]
+        bad = [t for t in names if t not in VARIANT_NAMES]
+        if bad:
+            parser.error(f"argument --variants: unknown variant(s) {', '.join(bad)}; choose from "
+                         f"{', '.join(VARIANT_NAMES)}")
+        setattr(namespace, self.dest, (getattr(namespace, self.dest, None) or []) + names)
 
 
 def _positive_int(text: str) -> int:
@@ -82,7 +87,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--threads", type=_positive_int, default=1,
                         help="torch.set_num_threads for every run (default 1: the most stable timing on a shared "
                              "machine, see docs/benchmark.md)")
-    parser.add_argument("--variants", type=_variants, action="extend", default=None, metavar="NAME",
+    parser.add_argument("--variants", nargs="+", action=_VariantsAction, default=None, metavar="NAME",
                         help="subset of plain,flash,alas,weighting,gca (comma or space separated; plain is always "
                              "run: it defines the target)")
     lr = parser.add_mutually_exclusive_group()

@@ -282,6 +282,10 @@ def write_figure(results: Dict[str, Any], path: str) -> Optional[str]:
         im = hax.pcolormesh(x_edges, y_edges, grid, vmin=vmin, vmax=1.0, cmap="viridis", shading="flat")
         names = run["layer_names"] or [str(i) for i in range(len(grid))]
         hax.set_yticks(range(len(grid)), names, fontsize=7)
+        warmup = (run.get("flash_config") or {}).get("warmup_steps")
+        if warmup is not None and x_edges[0] <= warmup <= x_edges[-1]:
+            hax.axvline(warmup, color="white", ls="--", lw=1.0)
+            hax.text(warmup, len(grid) - 0.6, " end of warm-up", color="white", fontsize=7, va="top")
         hax.set_xlabel("optimizer step")
         hax.set_title(f"{name}: ALAS activity per layer ({run['variant']} run, seed {run['seed']})")
         fig.colorbar(im, ax=hax, label="activity level")

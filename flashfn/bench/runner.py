@@ -26,6 +26,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
+from ..config import FlashConfig
 from .workloads import VARIANTS, WORKLOADS, RunResult, Workload
 
 __all__ = [
@@ -42,6 +43,7 @@ __all__ = [
 LOSSY_THRESHOLD = 0.005
 
 MODES = ("full", "quick", "smoke")
+WARMUP_RUN_STEPS = 10  # steps of the untimed warm-up runs before a workload's timed runs
 DEFAULT_SEEDS = {"full": 3, "quick": 1, "smoke": 1}
 
 Echo = Callable[[str], None]
@@ -319,8 +321,8 @@ def _run_dict(r: RunResult, order: int, figures: Dict[str, Any]) -> Dict[str, An
     return {
         "seed": r.seed, "variant": r.variant, "order": order, "lr": r.lr, "steps": r.steps,
         "figures": figures, "curve": r.curve, "activity": r.activity, "layer_names": r.layer_names,
-        "skipped": [list(p) for p in r.patterns], "flash_stats": r.flash_stats, "box": r.box,
-        "events": r.events, "wall_time_s": r.wall_time,
+        "skipped": [list(p) for p in r.patterns], "flash_config": r.flash_config, "flash_stats": r.flash_stats,
+        "box": r.box, "events": r.events, "wall_time_s": r.wall_time,
     }
 
 
@@ -349,6 +351,7 @@ def run_benchmark(opts: BenchOptions, echo: Echo = print) -> Dict[str, Any]:
         ``flops_per_step`` table, every ``run`` (raw curve, skipped layers per
         step, activity, Flash Mode's statistics, figures) and the ``summary``.
     """
+    threads_before = torch.get_num_threads()
     torch.set_num_threads(opts.threads)
     restore = _quiet_libraries()
     started = time.perf_counter()
@@ -387,6 +390,7 @@ def run_benchmark(opts: BenchOptions, echo: Echo = print) -> Dict[str, Any]:
         return results
     finally:
         restore()
+        torch.set_num_threads(threads_before)
 
 
 def _run_workload(wl: Workload, opts: BenchOptions, seeds: List[int], variants: List[str], bar: _Bar,
@@ -394,6 +398,12 @@ def _run_workload(wl: Workload, opts: BenchOptions, seeds: List[int], variants: 
     s = wl.settings
     entry: Dict[str, Any] = {"settings": wl.describe()}
     lr = s.lr
+    # An untimed, discarded warm-up of both code paths (plain, Flash Mode), so that no timed run pays the
+    # process's one-off costs (lazy imports, first-use allocations); otherwise seed 0's plain run, always
+    # the first, would pay them alone.
+    bar.describe(f"{wl.name} warm-up")
+    for variant in ("plain", "flash"):
+        wl.run(variant, seeds[0], lr, steps=min(WARMUP_RUN_STEPS, s.steps))
     if opts.lr_sweep:
         sweep_steps = opts.sweep_steps or max(1, s.steps // 2)
         rows = []
@@ -409,7 +419,7 @@ def _run_workload(wl: Workload, opts: BenchOptions, seeds: List[int], variants: 
         entry["lr_sweep"] = {"steps": sweep_steps, "seed": seeds[0], "grid": list(s.lr_grid), "runs": rows,
                              "chosen_lr": lr}
     entry["lr"] = lr
-    if s.steps <= wl.settings.flash_overrides.get("warmup_steps", 100):
+    if s.steps <= s.flash_overrides.get("warmup_steps", FlashConfig().warmup_steps):
         bar.write(f"  note: {wl.name}: {s.steps} steps <= Flash Mode's warm-up: the Flash Mode variants act as "
                   "plain training", echo)
     runs: List[Tuple[int, RunResult]] = []

@@ -93,6 +93,7 @@ class RunResult:
             backward was skipped (empty for an honest step).
         activity: per evaluation, ``{"step", "activity"}`` with ALAS's
             per-layer activity (runs with ALAS only).
+        flash_config: the run's ``FlashConfig`` as a dict (``None`` for plain training).
         flash_stats: Flash Mode's own figures (``FlashStats``) at the end, or ``None``.
         box: Flash Mode's statistics box, or ``None``.
         events: Flash Mode's logged events (spikes, rollbacks, warnings).
@@ -107,6 +108,7 @@ class RunResult:
     patterns: List[Tuple[int, ...]] = field(default_factory=list)
     activity: List[Dict[str, Any]] = field(default_factory=list)
     layer_names: List[str] = field(default_factory=list)
+    flash_config: Optional[Dict[str, Any]] = None
     flash_stats: Optional[Dict[str, Any]] = None
     box: Optional[str] = None
     events: List[str] = field(default_factory=list)
@@ -204,7 +206,7 @@ class LMSettings:
     n_layer: int = 6
     n_embd: int = 64
     n_head: int = 4
-    lr: float = 4e-3
+    lr: float = 2e-3
     weight_decay: float = 0.01
     lr_warmup_fraction: float = 0.05
     max_grad_norm: float = 1.0
@@ -296,6 +298,7 @@ class ShakespeareLM(Workload):
         model = self.build_model()
         dataset = ByteLMDataset(train, seq_len=s.seq_len, num_samples=steps * s.batch_size, seed=seed)
         result = RunResult(self.name, variant, seed, float(lr), steps)
+        result.flash_config = cfg.to_dict() if cfg is not None else None
         flash_cb = FlashModeCallback(cfg, verbose=False) if cfg is not None else None
         probe = _make_eval_clock(self, model, flash_cb, result, eval_every=s.eval_every, max_steps=steps,
                                    record_activity=bool(cfg is not None and cfg.enable_alas), progress=progress)
@@ -428,12 +431,12 @@ class MLPSettings:
     width: int = 256
     hidden: int = 512
     n_blocks: int = 6
-    lr: float = 1e-3
+    lr: float = 3e-4
     weight_decay: float = 0.01
     lr_warmup_fraction: float = 0.05
     max_grad_norm: float = 1.0
     flash_overrides: Dict[str, Any] = field(default_factory=dict)
-    lr_grid: Tuple[float, ...] = (3e-4, 1e-3, 3e-3, 1e-2)
+    lr_grid: Tuple[float, ...] = (1e-4, 3e-4, 1e-3, 3e-3)
     root: Optional[str] = None
 
     def lr_warmup(self, steps: int) -> int:
@@ -582,6 +585,7 @@ class FashionMLP(Workload):
         sched = torch.optim.lr_scheduler.LambdaLR(opt, _cosine_lambda(s.lr_warmup(steps), steps))
         per_sample_loss = self._per_sample_loss(model)
         result = RunResult(self.name, variant, seed, float(lr), steps)
+        result.flash_config = cfg.to_dict() if cfg is not None else None
 
         lmap = skipper = state = timer = snapshot = None
         if cfg is not None:

@@ -4,11 +4,13 @@ from .alas import (
     ALASState,
     alas_init,
     alas_update,
+    flatten,
     interpolate,
     layer_heat,
     reset_activity,
     should_backward,
     state_nbytes,
+    unflatten,
 )
 from .gca import GCADecision, GCAState, gca_init, gca_reset, gca_update
 from .safety import SafetyEvents, SafetyState, is_active, is_honest_step, safety_init, safety_update
@@ -16,7 +18,7 @@ from .weighting import WeightingState, weigh_samples, weighted_loss, weighting_i
 
 __all__ = [
     "ALASState", "alas_init", "alas_update", "interpolate", "layer_heat", "reset_activity", "should_backward",
-    "state_nbytes",
+    "state_nbytes", "flatten", "unflatten",
     "GCADecision", "GCAState", "gca_init", "gca_reset", "gca_update",
     "SafetyEvents", "SafetyState", "is_active", "is_honest_step", "safety_init", "safety_update",
     "WeightingState", "weigh_samples", "weighted_loss", "weighting_init", "weighting_update",

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, Optional, Sequence, Tuple
 
 import optree
 import torch
@@ -49,23 +49,18 @@ def tree_cosine(a: Any, b: Any, eps: float = 1e-30) -> Tensor:
     return tree_dot(a, b) / (tree_norm(a) * tree_norm(b)).clamp_min(eps)
 
 
-def tree_all_finite(tree: Any) -> bool:
-    """Whether every leaf of ``tree`` is finite (one reduction: a non-finite leaf makes the norm non-finite)."""
-    return bool(torch.isfinite(tree_norm(tree)))
-
-
-def tree_lerp(a: Any, b: Any, weight: float) -> Any:
-    """``a + weight * (b - a)`` leaf by leaf, as new tensors (``b`` cast to ``a``'s dtypes)."""
-    xs, spec = optree.tree_flatten(a)
-    ys = [y.to(x.dtype) for x, y in zip(xs, optree.tree_leaves(b))]
-    return optree.tree_unflatten(spec, list(torch._foreach_lerp(xs, ys, float(weight)))) if xs else a
-
-
-def tree_zeros_like(tree: Any, dtype: Optional[torch.dtype] = None) -> Any:
-    """Zeros shaped like ``tree`` (optionally in ``dtype``)."""
-    return optree.tree_map(lambda x: torch.zeros_like(x, dtype=dtype), tree)
-
-
 def ema(old: Tensor, new: Tensor, decay: float) -> Tensor:
     """``decay * old + (1 - decay) * new`` without touching either input."""
     return old * decay + new * (1.0 - decay)
+
+
+def flatten(tensors: Sequence[Tensor], dtype: Optional[torch.dtype] = None) -> Tensor:
+    """One flat (new) vector of ``tensors`` in order, optionally cast to ``dtype``."""
+    flat = torch.cat([t.detach().reshape(-1) for t in tensors]) if len(tensors) else torch.zeros(0)
+    return flat.to(dtype) if dtype is not None else flat
+
+
+def unflatten(flat: Tensor, like: Sequence[Tensor]) -> Tuple[Tensor, ...]:
+    """Split a flat vector back into tensors shaped (and typed) like ``like``."""
+    parts = torch.split(flat, [t.numel() for t in like])
+    return tuple(p.reshape(t.shape).to(t.dtype) for p, t in zip(parts, like))

@@ -34,7 +34,7 @@ from typing import NamedTuple, Optional, Sequence, Tuple
 import optree
 import torch
 
-from ._util import ema, generator, tree_cosine, uniform
+from ._util import ema, flatten, generator, tree_cosine, unflatten, uniform
 
 Tensor = torch.Tensor
 LayerTree = Tuple[Optional[Tuple[Tensor, ...]], ...]
@@ -48,6 +48,8 @@ __all__ = [
     "reset_activity",
     "layer_heat",
     "state_nbytes",
+    "flatten",
+    "unflatten",
 ]
 
 _STREAM_DECIDE = 1
@@ -64,18 +66,21 @@ class ALASState(NamedTuple):
     fidelity: Tensor  # [L] float32, last measured cosine(prediction, real); NaN before the first
     skip_streak: Tensor  # [L] int64, consecutive steps without a real gradient
     observed: Tensor  # [L] int64, number of real gradients seen
-    avg: Tuple[Tuple[Tensor, ...], ...]  # decayed normalised average of past real gradients
+    avg: Tuple[Tensor, ...]  # per layer, flat: decayed normalised average of past real gradients
     avg_weight: Tensor  # [L] float64, sum of the decay weights behind ``avg``
-    last: Tuple[Tuple[Tensor, ...], ...]  # last real gradient
-    prev: Tuple[Tuple[Tensor, ...], ...]  # the one before
+    last: Tuple[Tensor, ...]  # per layer, flat: last real gradient
+    prev: Tuple[Tensor, ...]  # per layer, flat: the one before
 
 
 def alas_init(params: Sequence[Sequence[Tensor]], *, history_dtype: Optional[torch.dtype] = None) -> ALASState:
     """A fresh state for the layers whose parameters are ``params``.
 
     Args:
-        params: per layer, its parameter tensors (shapes and dtypes are taken from them).
+        params: per layer, its parameter tensors (sizes and dtype are taken from them).
         history_dtype: dtype of the gradient history (default: the parameters' dtype).
+            The history of a layer is kept as flat vectors (one per quantity),
+            in the order of its parameters, so that every update is a handful
+            of large operations rather than several per tensor.
 
     Returns:
         An ``ALASState`` with every activity at 1 (nothing is skipped before
@@ -88,7 +93,9 @@ def alas_init(params: Sequence[Sequence[Tensor]], *, history_dtype: Optional[tor
         [1.0, 1.0]
     """
     n = len(params)
-    zeros = tuple(tuple(torch.zeros_like(p, dtype=history_dtype or p.dtype) for p in layer) for layer in params)
+    zeros = tuple(
+        torch.zeros(sum(p.numel() for p in layer), dtype=history_dtype or (layer[0].dtype if layer else torch.float32))
+        for layer in params)
     return ALASState(
         step=torch.zeros((), dtype=torch.int64),
         heat=torch.zeros(n),
@@ -116,13 +123,12 @@ def layer_heat(grads: Sequence[Tensor], params: Sequence[Tensor], eps: float = 1
     return (g / w.clamp_min(eps)).float()
 
 
-def _predict(state: ALASState, layer: int, trend_weight: float) -> Tuple[Tensor, ...]:
-    """The deterministic part of the prediction for ``layer``: average plus trend."""
+def _predict(state: ALASState, layer: int, trend_weight: float) -> Tensor:
+    """The deterministic part of the (flat) prediction for ``layer``: average plus trend."""
     avg, last, prev = state.avg[layer], state.last[layer], state.prev[layer]
-    if int(state.observed[layer]) < 2:
-        return tuple(a.clone() for a in avg)  # never hand out the state's own tensors
-    trend = torch._foreach_sub(list(last), list(prev))
-    return tuple(torch._foreach_add(list(avg), trend, alpha=trend_weight))
+    if int(state.observed[layer]) < 2 or trend_weight == 0:
+        return avg.clone()  # never hand out the state's own tensors
+    return torch.add(avg, last - prev, alpha=trend_weight)
 
 
 def alas_update(
@@ -163,9 +169,9 @@ def alas_update(
     avg, last, prev = list(state.avg), list(state.last), list(state.prev)
     for i, g in enumerate(grads):
         if g is not None:
-            g = tuple(x.detach() for x in g)  # read only; stored copies are made below
-            h = layer_heat(g, params[i])  # non-finite iff a gradient is
-        if g is None or not bool(torch.isfinite(h)):
+            g = flatten(g, avg[i].dtype)  # a new copy: it becomes ``last``
+            h = layer_heat((g,), params[i])
+        if g is None or not bool(torch.isfinite(h)):  # non-finite iff a gradient is
             streak[i] += 1
             continue
         if observed[i] > 0:
@@ -178,9 +184,9 @@ def alas_update(
         w_old = avg_weight[i] * interp_decay
         avg_weight[i] = w_old + 1.0
         a = float(w_old / avg_weight[i])
-        avg[i] = tuple(torch._foreach_lerp(list(avg[i]), [x.to(m.dtype) for m, x in zip(avg[i], g)], 1.0 - a))
+        avg[i] = torch.lerp(avg[i], g, 1.0 - a)
         prev[i] = last[i]
-        last[i] = tuple(x.to(m.dtype, copy=True) for m, x in zip(last[i], g))
+        last[i] = g
         observed[i] += 1
         streak[i] = 0
     seen = heat > 0
@@ -252,14 +258,14 @@ def interpolate(
     trend_weight: float = 0.2,
     noise_scale: float = 0.05,
     seed: int = 0,
-) -> Tuple[Tuple[Tensor, ...], ...]:
+) -> Tuple[Tensor, ...]:
     """Predicted gradients for ``layers`` from their history.
 
     ``prediction = avg + trend_weight * (last - prev) + noise``, where ``avg``
     is the normalised exponentially decayed average of the layer's past real
     gradients (weights ``interp_decay ** age``), the trend term uses the last
     two real gradients, and ``noise`` is Gaussian with standard deviation
-    ``noise_scale * mean|avg + trend|`` (per tensor), drawn from
+    ``noise_scale * mean|avg + trend|`` (per layer), drawn from
     ``(seed, state.step, layer)`` only.
 
     Args:
@@ -270,7 +276,8 @@ def interpolate(
         seed: the run's seed.
 
     Returns:
-        One tuple of tensors per requested layer (dtype of the history).
+        One flat vector per requested layer (dtype of the history, parameters
+        in order; :func:`unflatten` gives them the parameters' shapes).
     """
     out = []
     for i in layers:
@@ -279,11 +286,9 @@ def interpolate(
         base = _predict(state, i, trend_weight)
         if noise_scale > 0:
             gen = generator(seed, int(state.step), 1000 + int(i) * 7 + _STREAM_NOISE)
-            base = tuple(
-                b + noise_scale * b.abs().mean() * torch.randn(b.shape, generator=gen, dtype=torch.float32).to(b)
-                for b in base
-            )
-        out.append(tuple(base))
+            noise = torch.randn(base.shape, generator=gen, dtype=torch.float32).to(base)
+            base = base + noise_scale * base.abs().mean() * noise
+        out.append(base)
     return tuple(out)
 
 

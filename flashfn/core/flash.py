@@ -15,7 +15,7 @@ from typing import Any, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 
-from .alas import ALASState, alas_init, alas_update, interpolate, reset_activity, should_backward
+from .alas import ALASState, alas_init, alas_update, interpolate, reset_activity, should_backward, unflatten
 from .gca import GCADecision, GCAState, gca_init, gca_reset, gca_update
 from .safety import SafetyState, is_active, is_honest_step, safety_init, safety_update
 from .weighting import WeightingState, weighting_init, weighting_update
@@ -153,7 +153,7 @@ def flash_update(
     if skipped and cfg.predictor == "ema":
         for i, p in zip(skipped, interpolate(state.alas, skipped, trend_weight=cfg.trend_weight,
                                              noise_scale=cfg.noise_scale, seed=cfg.seed)):
-            preds[i] = p
+            preds[i] = unflatten(p, layer_params[i])
     alas = state.alas
     if cfg.enable_alas:  # with ALAS off nothing reads its state: it costs nothing
         alas = alas_update(alas, tuple(None if g is None else tuple(g) for g in layer_grads), layer_params,

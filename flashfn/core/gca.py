@@ -3,7 +3,8 @@
 On noisy minibatch gradients the cosine between two successive gradients says
 little, so coherence is measured on a *smoothed direction*:
 
-- ``direction`` is an exponential moving average of the gradient
+- ``direction`` is an exponential moving average of the gradient, kept as
+  one flat float32 vector (the gradient pytree's leaves in order)
   (``direction = s * direction + (1 - s) * g``, ``s = gca_smoothing``);
 - at every checkpoint (every ``checkpoint_every`` updates) the direction is
   stored as the ``anchor``;
@@ -32,7 +33,7 @@ from typing import Any, NamedTuple
 import optree
 import torch
 
-from ._util import ema, tree_all_finite, tree_cosine, tree_lerp, tree_zeros_like
+from ._util import ema, flatten, tree_cosine
 
 Tensor = torch.Tensor
 
@@ -43,8 +44,8 @@ class GCAState(NamedTuple):
     """Immutable state of conservative GCA."""
 
     step: Tensor  # int64, updates seen
-    direction: Any  # pytree like the gradient: smoothed gradient
-    anchor: Any  # direction at the last checkpoint
+    direction: Tensor  # flat float32 vector of the whole gradient (leaves in pytree order): smoothed gradient
+    anchor: Tensor  # direction at the last checkpoint
     has_anchor: Tensor  # bool
     coherence: Tensor  # float64, last measured
     loss_ema: Tensor  # float64, smoothed loss (NaN before the first)
@@ -74,9 +75,9 @@ def gca_init(gradient_like: Any) -> GCAState:
     """
     z = torch.zeros((), dtype=torch.int64)
     nan = torch.tensor(float("nan"), dtype=torch.float64)
+    size = sum(x.numel() for x in optree.tree_leaves(gradient_like))
     return GCAState(
-        step=z, direction=tree_zeros_like(gradient_like, torch.float32),
-        anchor=tree_zeros_like(gradient_like, torch.float32),
+        step=z, direction=torch.zeros(size), anchor=torch.zeros(size),
         has_anchor=torch.tensor(False), coherence=torch.zeros((), dtype=torch.float64), loss_ema=nan, ckpt_loss=nan,
         virtual_since_ckpt=z, virtual_total=z, rollbacks=z, checkpoints=z,
     )
@@ -85,7 +86,7 @@ def gca_init(gradient_like: Any) -> GCAState:
 def gca_reset(state: GCAState) -> GCAState:
     """Forget the direction and the anchor (after a loss spike); counters are kept."""
     return state._replace(
-        direction=tree_zeros_like(state.direction), anchor=tree_zeros_like(state.anchor),
+        direction=torch.zeros_like(state.direction), anchor=torch.zeros_like(state.anchor),
         has_anchor=torch.tensor(False), coherence=torch.zeros((), dtype=torch.float64),
         virtual_since_ckpt=torch.zeros((), dtype=torch.int64),
     )
@@ -124,9 +125,12 @@ def gca_update(
     """
     loss_t = torch.as_tensor(loss, dtype=torch.float64).detach().reshape(()).clone()
     step = state.step + 1
-    if not bool(torch.isfinite(loss_t)) or not tree_all_finite(gradient):
+    g = flatten(optree.tree_leaves(gradient), torch.float32)
+    if g.numel() != state.direction.numel():
+        raise ValueError(f"gca_update: the gradient has {g.numel()} elements, the state {state.direction.numel()}")
+    if not bool(torch.isfinite(loss_t)) or not bool(torch.isfinite(g.norm())):
         return state._replace(step=step), GCADecision(False, 0, False, False)
-    direction = tree_lerp(state.direction, optree.tree_map(lambda g: g.detach(), gradient), 1.0 - smoothing)
+    direction = torch.lerp(state.direction, g, 1.0 - smoothing)
     loss_ema = loss_t if bool(torch.isnan(state.loss_ema)) else ema(state.loss_ema, loss_t, smoothing)
     rollback = bool(
         state.virtual_since_ckpt > 0 and bool(torch.isfinite(state.ckpt_loss))
