@@ -322,6 +322,13 @@ class FlashModeCallback(TrainerCallback):
             raise RuntimeError("FlashModeCallback.get_stats: training has not started")
         return FlashStats.compute(self.state, self.timer, self._total_params)
 
+    @property
+    def skipped_layers(self) -> tuple:
+        """Module paths of the layers whose backward is skipped on the current step (empty between steps)."""
+        if self.lmap is None or self._plan is None:
+            return ()
+        return tuple(self.lmap.names[i] for i in self._plan.skipped)
+
     def should_compute_backward(self, layer_name: str) -> bool:
         """Whether the layer holding ``layer_name`` (a parameter name or block path) computes its backward this step."""
         if self.lmap is None:

@@ -11,8 +11,8 @@ A custom loop composes it like this (``examples/functional_loop.py`` runs it)::
         grads, loss, aux = masked_value_and_grad(per_sample_loss, params, buffers, batch,
                                                  lmap=lmap, plan=plan, skipper=skipper)
         state, grads, decision = finish_step(state, cfg, plan, lmap, params, grads, loss, aux.weights)
-        apply_gradients(params, grads); opt.step(); opt.zero_grad()
-        snap = gca_after_step(decision, params, opt, snap)
+        apply_gradients(params, grads); opt.step()
+        snap = gca_after_step(decision, params, opt, snap)  # virtual steps reuse the gradients: before zero_grad
 
 ``per_sample_loss(params, buffers, batch) -> [N]`` returns one loss per
 sample (``reduction="none"``); the plain loss is their mean.
