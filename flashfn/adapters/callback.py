@@ -28,9 +28,11 @@ import functools
 import inspect
 import logging
 import math
+import os
 import time
 from typing import Any, Dict, List, Optional
 
+import optree
 import torch
 from torch import nn
 
@@ -51,6 +53,9 @@ except ImportError:  # pragma: no cover - exercised only without the extra
 
 logger = logging.getLogger("flashfn")
 
+STATE_FILE = "flash_mode_state.pt"
+STATE_FORMAT = 1
+
 __all__ = ["FlashModeCallback"]
 
 
@@ -67,6 +72,22 @@ def _find_trainer() -> Any:
             return obj
         frame = frame.f_back
     return None
+
+
+def _resume_dir(args: Any, state: Any) -> Optional[str]:
+    """The checkpoint folder the Trainer is resuming from.
+
+    ``Trainer.train(resume_from_checkpoint=...)`` keeps it in a local variable
+    of the calling frames; otherwise the Trainer's own naming is used.
+    """
+    frame = inspect.currentframe()
+    while frame is not None:
+        value = frame.f_locals.get("resume_from_checkpoint")
+        if isinstance(value, str) and os.path.isdir(value):
+            return value
+        frame = frame.f_back
+    folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
+    return folder if os.path.isdir(folder) else None
 
 
 class FlashModeCallback(TrainerCallback):
@@ -168,12 +189,65 @@ class FlashModeCallback(TrainerCallback):
                       type(model).__name__, warn=True)
             self._weighting_on = False
         self._wrap_forward(model)
-        if self.state is None:  # a resumed state may have been loaded already
+        self._effective = cfg.replace(enable_alas=self._alas_on, enable_gca=self._gca_on,
+                                      enable_sample_weighting=self._weighting_on)
+        if self.state is None:  # a second train() call on this callback continues its state
             layer_params = tuple(tuple(self._params[n].detach() for n in names) for names in lmap.params)
             others = tuple(self._params[n].detach() for n in lmap.others)
             self.state = flash_init(layer_params, others, with_gca=self._gca_on)
-        self._effective = cfg.replace(enable_alas=self._alas_on, enable_gca=self._gca_on,
-                                      enable_sample_weighting=self._weighting_on)
+            if getattr(state, "global_step", 0) > 0:  # the Trainer resumed from a checkpoint
+                self._resume(_resume_dir(args, state))
+
+    # ------------------------------------------------------------------ checkpoints
+    def _identity(self) -> Dict[str, Any]:
+        """What a saved state must match to be reused: the config (less logging) and the layers."""
+        cfg = {k: v for k, v in self.config.to_dict().items() if k not in ("verbose", "log_every")}
+        return {"config": cfg, "layers": list(self.lmap.names),
+                "effective": [self._alas_on, self._gca_on, self._weighting_on]}
+
+    def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any):
+        """Write Flash Mode's state into the checkpoint the Trainer has just saved."""
+        if self.state is None or not getattr(state, "is_world_process_zero", True):
+            return
+        folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
+        if not os.path.isdir(folder):
+            self._log("Flash Mode: checkpoint folder %s not found; its state was not saved.", folder, warn=True)
+            return
+        snap = None if self._snapshot is None else {"params": self._snapshot.params,
+                                                     "optimizer": self._snapshot.optimizer}
+        payload = {"format": STATE_FORMAT, **self._identity(), "leaves": optree.tree_leaves(self.state),
+                   "timer": self.timer.state_dict(), "snapshot": snap, "honours_n_items": self._honours_n_items}
+        torch.save(payload, os.path.join(folder, STATE_FILE))
+
+    def _resume(self, folder: Optional[str]) -> None:
+        path = os.path.join(folder, STATE_FILE) if folder else None
+        if path is None or not os.path.isfile(path):
+            self._log("Flash Mode: resuming from %s, which holds no Flash Mode state (saved before Flash Mode was "
+                      "added?): starting Flash Mode afresh.", folder, warn=True)
+            return
+        try:
+            payload = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as err:  # noqa: BLE001 - any unreadable file is reported the same way
+            raise RuntimeError(f"Flash Mode: the state in {path} is unreadable ({err}); delete it to start Flash "
+                               "Mode afresh, or resume from another checkpoint") from err
+        if not isinstance(payload, dict) or payload.get("format") != STATE_FORMAT:
+            raise RuntimeError(f"Flash Mode: {path} is not a Flash Mode state of format {STATE_FORMAT}")
+        mine = self._identity()
+        for key in ("config", "layers", "effective"):
+            if payload.get(key) != mine[key]:
+                raise ValueError(f"Flash Mode: the state in {path} was saved with a different {key} "
+                                 f"({payload.get(key)!r}, now {mine[key]!r}); it cannot be reused. Resume with the "
+                                 "same model and FlashConfig, or delete the file to start Flash Mode afresh.")
+        fresh, spec = optree.tree_flatten(self.state)
+        leaves = payload["leaves"]
+        if len(leaves) != len(fresh) or any(a.shape != b.shape or a.dtype != b.dtype for a, b in zip(leaves, fresh)):
+            raise ValueError(f"Flash Mode: the state in {path} does not fit this model's parameters")
+        self.state = optree.tree_unflatten(spec, leaves)
+        self.timer.load_state_dict(payload.get("timer", {}))
+        snap = payload.get("snapshot")
+        self._snapshot = None if snap is None else Snapshot(snap["params"], snap["optimizer"])
+        self._honours_n_items = payload.get("honours_n_items")
+        self._log("Flash Mode: state restored from %s (step %d)", path, int(self.state.step))
 
     def _wrap_forward(self, model: nn.Module) -> None:
         orig = model.forward
