@@ -7,7 +7,11 @@ import argparse
 
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainingArguments
-from transformers.flash_mode import FlashConfig, FlashModeCallback
+
+try:  # the specification's path, installed with flashfn
+    from transformers.flash_mode import FlashConfig, FlashModeCallback
+except ModuleNotFoundError:  # a source checkout that was not pip-installed: the native path
+    from flashfn import FlashConfig, FlashModeCallback
 
 from flashfn.data import ByteLMDataset, byte_splits, load_corpus
 
