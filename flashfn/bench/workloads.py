@@ -195,11 +195,25 @@ class Workload:
 
 
 @dataclass
-class LMSettings:
-    """Sizes and hyper-parameters of the Shakespeare workload."""
+class TrainSettings:
+    """What every workload shares: run length, evaluation, optimizer and schedule."""
 
     steps: int = 1200
     eval_every: int = 50
+    weight_decay: float = 0.01
+    lr_warmup_fraction: float = 0.05
+    max_grad_norm: float = 1.0
+    flash_overrides: Dict[str, Any] = field(default_factory=dict)
+
+    def lr_warmup(self, steps: int) -> int:
+        """Learning-rate warm-up steps for a run of ``steps``."""
+        return max(1, int(round(self.lr_warmup_fraction * steps)))
+
+
+@dataclass
+class LMSettings(TrainSettings):
+    """Sizes and hyper-parameters of the Shakespeare workload."""
+
     eval_batches: int = 8
     batch_size: int = 16
     seq_len: int = 64
@@ -207,15 +221,7 @@ class LMSettings:
     n_embd: int = 64
     n_head: int = 4
     lr: float = 2e-3
-    weight_decay: float = 0.01
-    lr_warmup_fraction: float = 0.05
-    max_grad_norm: float = 1.0
-    flash_overrides: Dict[str, Any] = field(default_factory=dict)
     lr_grid: Tuple[float, ...] = (1e-3, 2e-3, 4e-3, 8e-3)
-
-    def lr_warmup(self, steps: int) -> int:
-        """Learning-rate warm-up steps for a run of ``steps``."""
-        return max(1, int(round(self.lr_warmup_fraction * steps)))
 
 
 LM_PRESETS: Dict[str, LMSettings] = {
@@ -421,27 +427,17 @@ def _make_eval_clock(*args: Any, **kwargs: Any) -> Any:
 
 
 @dataclass
-class MLPSettings:
+class MLPSettings(TrainSettings):
     """Sizes and hyper-parameters of the Fashion-MNIST workload."""
 
-    steps: int = 1200
-    eval_every: int = 50
     eval_samples: int = 10000
     batch_size: int = 128
     width: int = 256
     hidden: int = 512
     n_blocks: int = 6
     lr: float = 3e-4
-    weight_decay: float = 0.01
-    lr_warmup_fraction: float = 0.05
-    max_grad_norm: float = 1.0
-    flash_overrides: Dict[str, Any] = field(default_factory=dict)
     lr_grid: Tuple[float, ...] = (1e-4, 3e-4, 1e-3, 3e-3)
     root: Optional[str] = None
-
-    def lr_warmup(self, steps: int) -> int:
-        """Learning-rate warm-up steps for a run of ``steps``."""
-        return max(1, int(round(self.lr_warmup_fraction * steps)))
 
 
 MLP_PRESETS: Dict[str, MLPSettings] = {
