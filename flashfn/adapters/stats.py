@@ -21,6 +21,10 @@ Definitions (also in ``docs/statistics.md``):
 - **GCA Virtual Steps** = virtual optimizer steps / real optimizer steps.
 - **Sample Weight Avg** = mean of every sample weight applied (``n/a`` if none was).
 - **Loss Spikes / Auto-Disables**: counted by the safety logic.
+- **memory_bytes**: bytes held by ALAS's gradient history and GCA's
+  directions (``memory_vs_params``: as a multiple of the model's float32
+  parameter bytes). GCA's rollback snapshot (a copy of the parameters and
+  the optimizer state, taken only with GCA on) comes on top.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ import statistics
 import unicodedata
 from typing import Any, Dict, List, Optional
 
+from ..core.alas import state_nbytes
 from ..core.flash import FlashState
 
 __all__ = ["FlashStats", "StepTimer", "format_box"]
@@ -87,6 +92,7 @@ class FlashStats(dict):
         measured_saving = (1.0 - statistics.fmean(timer.skipping) / t_full) if (timer and timer.skipping and t_full) \
             else None
         w = state.weighting
+        memory = state_nbytes(state.alas) + state_nbytes(state.gca)
         all_param_steps = float(total_params) * steps
         d = {
             "total_steps": steps,
@@ -110,6 +116,8 @@ class FlashStats(dict):
             "loss_spikes": int(state.safety.spikes),
             "auto_disables": int(state.safety.disables),
             "nonfinite_losses": int(state.safety.nonfinite),
+            "memory_bytes": memory,
+            "memory_vs_params": memory / (4.0 * total_params) if total_params else None,
         }
         return cls(d)
 
