@@ -328,36 +328,30 @@ def test_state_types_are_namedtuples(name: str) -> None:
 # --------------------------------------------------------------------------- #
 
 
-def _trained_alas():
-    c = _alas()
+def _trained(component):
+    """The state of ``component`` after four updates."""
+    c = component()
     s = c.init()
     for i in range(4):
         args, kwargs = c.inputs(i, s)
         s = c.update(s, *args, **kwargs)
     return s
+
+
+def _trained_alas():
+    return _trained(_alas)
 
 
 def _trained_flash():
-    c = _flash()
-    s = c.init()
-    for i in range(4):
-        args, kwargs = c.inputs(i, s)
-        s = c.update(s, *args, **kwargs)
-    return s
+    return _trained(_flash)
 
 
 def _calls() -> dict:
     """name -> () -> (function, args, kwargs)."""
     alas_s = _trained_alas()
-    gca_c, safety_c, flash_c = _gca(), _safety(), _flash()
-    gca_s = gca_c.init()
-    for i in range(4):
-        args, kwargs = gca_c.inputs(i, gca_s)
-        gca_s = gca_c.update(gca_s, *args, **kwargs)
-    safety_s = safety_c.init()
-    for i in range(4):
-        args, kwargs = safety_c.inputs(i, safety_s)
-        safety_s = safety_c.update(safety_s, *args, **kwargs)
+    flash_c = _flash()
+    gca_s = _trained(_gca)
+    safety_s = _trained(_safety)
     flash_s = _trained_flash()
     params = _layer_params()
     losses = torch.tensor([0.0, 0.2, 0.7, float("nan"), 3.0])
