@@ -24,14 +24,6 @@ from flashfn.func.hf_losses import head_kind, honours_num_items, weighted_head_l
 N, SEQ = 4, 10
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _lm_labels(ids: torch.Tensor) -> torch.Tensor:
     labels = ids.clone()
     labels[0, -3:] = -100  # right padding

@@ -5,19 +5,10 @@ from __future__ import annotations
 import re
 
 import pytest
-import torch
 from helpers_models import tiny_bert_cls, tiny_gpt2, tiny_llama
 from torch import nn
 
 from flashfn.func import LayerMap, find_layers, join_layers, split_by_layer
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def _block_param_names(model: nn.Module, path: str) -> tuple:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import pytest
 import torch
 from helpers_models import detached, tiny_gpt2, token_batch
 from torch import nn
@@ -10,14 +9,6 @@ from torch.func import functional_call, grad
 
 from flashfn.core.weighting import weigh_samples, weighted_loss
 from flashfn.func import per_sample_grads, per_sample_losses, token_losses_per_sample
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def _mlp() -> nn.Module:

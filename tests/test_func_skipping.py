@@ -23,14 +23,6 @@ LOWER = "transformer.h.0."  # below the skipped blocks
 UPPER = "transformer.h.3."  # above them
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _plan(compute: list) -> StepPlan:
     c = torch.tensor(compute, dtype=torch.bool)
     return StepPlan(active=True, honest=bool(c.all()), compute=c, weigh=False)

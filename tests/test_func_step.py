@@ -38,14 +38,6 @@ N_LAYER = 4
 SKIP_1_3 = torch.tensor([0.0, 1.0, 0.0, 1.0])  # ALAS draws: u=1 is never < activity, u=0 always is
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _cfg(**kw: Any) -> FlashConfig:
     base = dict(warmup_steps=2, honest_check_every=50, enable_sample_weighting=False, enable_gca=False,
                 verbose=False)
