@@ -12,7 +12,9 @@ state and the hooks, nothing more):
 - ``on_pre_optimizer_step`` (after the Trainer's clipping): reads the real
   gradients, fills skipped layers with ALAS's predictions, and clips the
   completed gradient to ``max_grad_norm`` again, so no injected gradient
-  escapes the run's clipping.
+  escapes the run's clipping. Under data parallelism the step's losses and
+  sample weights are first gathered from every process, so every process
+  takes the same decisions (DDP must find unused parameters when ALAS is on).
 - ``on_optimizer_step``: GCA's rollback, checkpoint and virtual steps, through
   the inner optimizer, only when the real step was not skipped by a gradient
   scaler; the learning-rate schedule is never advanced by a virtual step.
@@ -40,7 +42,7 @@ from ..config import FlashConfig
 from ..core.flash import FlashState, StepPlan, flash_init, flash_update, plan_step
 from ..core.gca import GCADecision
 from ..core.weighting import weigh_samples
-from ..func.hf_losses import head_kind, honours_num_items, weighted_head_loss
+from ..func.hf_losses import head_kind, honours_num_items, per_sample_head_terms, weighted_head_loss
 from ..func.layers import LayerMap, find_layers
 from ..func.skipping import BlockSkipper
 from ..func.step import Snapshot, gca_after_step
@@ -144,27 +146,32 @@ class FlashModeCallback(TrainerCallback):
         (logger.warning if warn else logger.info)(msg, *args)
 
     def _check_setup(self, args: Any) -> None:
-        if getattr(args, "deepspeed", None) or getattr(args, "fsdp", None):
+        trainer = self._trainer
+        if (getattr(args, "deepspeed", None) or getattr(args, "fsdp", None)
+                or getattr(trainer, "is_deepspeed_enabled", False) or getattr(trainer, "is_fsdp_enabled", False)):
             raise RuntimeError(
                 "Flash Mode does not support DeepSpeed or FSDP: their sharded gradients and optimizer states cannot "
                 "be read, predicted or restored by the callback. Remove FlashModeCallback or train without them."
             )
-        if getattr(args, "world_size", 1) > 1:
-            if self._alas_on or self._gca_on:
-                self._log("Flash Mode: %d processes: ALAS and GCA are turned off (not supported under data "
-                          "parallelism yet); sample weighting stays on.", args.world_size, warn=True)
-            self._alas_on = False
-            self._gca_on = False
+        ddp = getattr(trainer, "model_wrapped", None)
+        if self._alas_on and isinstance(ddp, nn.parallel.DistributedDataParallel) and (
+                not ddp.find_unused_parameters or getattr(ddp, "static_graph", False)):
+            raise RuntimeError(
+                "Flash Mode's ALAS skips the backward of whole blocks, so on a skipped step their parameters get no "
+                "gradient on every process; DistributedDataParallel must then be built with "
+                "find_unused_parameters=True and without static_graph. Set TrainingArguments("
+                "ddp_find_unused_parameters=True, ddp_static_graph=False), or FlashConfig(enable_alas=False)."
+            )
 
     def on_train_begin(self, args: Any, state: Any, control: Any, model: Optional[nn.Module] = None, **kwargs: Any):
         if model is None:
             raise RuntimeError("FlashModeCallback needs the Trainer's model (got none in on_train_begin)")
         if self._model is not None:
             self._teardown()
+        self._trainer = _find_trainer()
         self._check_setup(args)
         cfg = self.config
         self._model = model
-        self._trainer = _find_trainer()
         self._max_grad_norm = float(getattr(args, "max_grad_norm", 0.0) or 0.0)
         self._params = {n: p for n, p in model.named_parameters() if p.requires_grad}
         self._total_params = sum(p.numel() for p in self._params.values())
@@ -260,9 +267,8 @@ class FlashModeCallback(TrainerCallback):
             plan = cb._plan
             if labels is None or plan is None or not plan.weigh or not model.training:
                 out = orig(*args, **kwargs)
-                loss = out.get("loss") if isinstance(out, dict) else None
-                if loss is not None and model.training:
-                    cb._step_losses.append(loss.detach().float().reshape(()))
+                if model.training and isinstance(out, dict):
+                    cb._record_loss(out, labels)
                 return out
             kw = dict(kwargs)
             kw.pop("labels")
@@ -286,14 +292,31 @@ class FlashModeCallback(TrainerCallback):
                                      low_loss_threshold=cfg.low_loss_threshold)
 
             loss, per_sample, w = weighted_head_loss(cb._kind, out["logits"], labels, weights_fn, n_items)
-            plain = per_sample.mean() if per_sample.numel() else loss.detach()
-            cb._step_losses.append(plain.float().reshape(()))
+            cb._step_losses.append(per_sample.float().flatten() if per_sample.numel() else loss.detach().reshape(1))
             if w is not None:
                 cb._step_weights.append(w.detach())
             out["loss"] = loss
             return out
 
         model.forward = forward
+
+    def _record_loss(self, out: dict, labels: Optional[torch.Tensor]) -> None:
+        """Record the per-sample (unweighted) losses of a micro-batch, as the weighted path does.
+
+        The model's own loss is divided by the Trainer's ``num_items_in_batch``
+        (summed over micro-batches and processes), so it is not on the same
+        scale as a per-sample mean; the loss Flash Mode watches must be.
+        """
+        loss, logits = out.get("loss"), out.get("logits")
+        if loss is None:
+            return
+        if self._kind is not None and labels is not None and isinstance(logits, torch.Tensor):
+            with torch.no_grad():
+                sums, counts = per_sample_head_terms(self._kind, logits.detach(), labels)
+            if sums.numel():
+                self._step_losses.append((sums / counts.clamp_min(1)).float().flatten())
+                return
+        self._step_losses.append(loss.detach().float().reshape(1))
 
     def _weighting_off(self, why: str, name: str, plan: StepPlan, forward: Any, args: tuple, kwargs: dict) -> Any:
         """Turn sample weighting off for the rest of the run (logged once) and run the plain forward."""
@@ -335,8 +358,7 @@ class FlashModeCallback(TrainerCallback):
             for i, names in enumerate(lmap.params))
         layer_params = tuple(tuple(params[n].detach() for n in names) for names in lmap.params)
         other_grads = tuple(_grad_or_zeros(params[n]) for n in lmap.others) if self._gca_on else None
-        loss = torch.stack(self._step_losses).mean() if self._step_losses else torch.tensor(float("nan"))
-        weights = torch.cat([w.flatten() for w in self._step_weights]) if self._step_weights else None
+        loss, weights = self._shared_loss_and_weights()
         self.state, preds, self._decision = flash_update(self.state, self._effective, plan, layer_grads,
                                                          layer_params, loss, other_grads=other_grads, weights=weights)
         injected = []
@@ -353,6 +375,28 @@ class FlashModeCallback(TrainerCallback):
                 scale = self._max_grad_norm / (float(total) + 1e-6)
                 for g in grads:
                     g.mul_(scale)
+
+    def _shared_loss_and_weights(self) -> tuple:
+        """The step's mean per-sample loss and the sample weights applied, over every process.
+
+        Under data parallelism each process sees its own samples; what Flash
+        Mode decides from them (loss spikes, GCA's rollback, the weight
+        statistics) must be the same everywhere, so every process gathers every
+        process's losses and weights and folds them in rank order.
+        """
+        losses = torch.cat(self._step_losses).double() if self._step_losses else torch.zeros(0, dtype=torch.float64)
+        weights = torch.cat([w.flatten() for w in self._step_weights]) if self._step_weights else None
+        if _world_size() > 1:
+            mine = (float(losses.sum()), losses.numel(), None if weights is None else weights.detach().cpu())
+            gathered: List[Any] = [None] * _world_size()
+            torch.distributed.all_gather_object(gathered, mine)
+            total = sum(s for s, _, _ in gathered)  # rank order: the same float on every process
+            count = sum(c for _, c, _ in gathered)
+            loss = torch.tensor(total / count if count else float("nan"), dtype=torch.float64)
+            ws = [w for _, _, w in gathered if w is not None]
+            return loss, (torch.cat(ws) if ws else None)
+        loss = losses.mean() if losses.numel() else torch.tensor(float("nan"))
+        return loss, weights
 
     def on_optimizer_step(self, args: Any, state: Any, control: Any, optimizer: Any = None, **kwargs: Any):
         dec = self._decision
@@ -411,6 +455,14 @@ class FlashModeCallback(TrainerCallback):
         if i is None or self._plan is None:
             return True
         return bool(self._plan.compute[i])
+
+
+def _world_size() -> int:
+    """Processes in the default ``torch.distributed`` group (1 when it is not set up)."""
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size()
+    return 1
 
 
 def _grad_or_zeros(p: torch.Tensor) -> torch.Tensor:
