@@ -15,6 +15,7 @@ __all__ = ["FlashConfig"]
 
 MECHANISMS = ("branch", "freeze")
 PREDICTORS = ("ema", "none")
+HISTORY_DTYPES = ("float32", "bfloat16")
 
 
 def _check(name: str, value: Any, kind: type, lo: Optional[float] = None, hi: Optional[float] = None,
@@ -96,6 +97,7 @@ class FlashConfig:
     gca_smoothing: float = 0.8
     spike_cooldown_steps: int = 100
     layers: Optional[Tuple[str, ...]] = None
+    history_dtype: str = "float32"
 
     def __post_init__(self) -> None:
         for name in ("enable_alas", "enable_sample_weighting", "enable_gca", "auto_disable_on_spike", "verbose"):
@@ -118,13 +120,12 @@ class FlashConfig:
         _check("max_consecutive_skips", self.max_consecutive_skips, int, 1)
         _check("gca_smoothing", self.gca_smoothing, float, 0.0, 1.0, hi_open=True)
         _check("spike_cooldown_steps", self.spike_cooldown_steps, int, 0)
-        for name, choices in (("alas_mechanism", MECHANISMS), ("predictor", PREDICTORS)):
+        for name, choices in (("alas_mechanism", MECHANISMS), ("predictor", PREDICTORS),
+                              ("history_dtype", HISTORY_DTYPES)):
             if not isinstance(getattr(self, name), str):
                 raise TypeError(f"FlashConfig.{name} must be a str, one of {choices}, got {getattr(self, name)!r}")
-        if self.alas_mechanism not in MECHANISMS:
-            raise ValueError(f"FlashConfig.alas_mechanism must be one of {MECHANISMS}, got {self.alas_mechanism!r}")
-        if self.predictor not in PREDICTORS:
-            raise ValueError(f"FlashConfig.predictor must be one of {PREDICTORS}, got {self.predictor!r}")
+            if getattr(self, name) not in choices:
+                raise ValueError(f"FlashConfig.{name} must be one of {choices}, got {getattr(self, name)!r}")
         if self.layers is not None:
             if isinstance(self.layers, str) or not isinstance(self.layers, (list, tuple)) \
                     or not all(isinstance(x, str) for x in self.layers):

@@ -58,7 +58,8 @@ NUMERIC = {
     "gca_smoothing": (float, [0.0, 0.8], [1.0, -0.2, 2.0]),
     "spike_cooldown_steps": (int, [0, 100], [-1]),
 }
-CHOICES = {"alas_mechanism": ("branch", "freeze"), "predictor": ("ema", "none")}
+CHOICES = {"alas_mechanism": ("branch", "freeze"), "predictor": ("ema", "none"),
+           "history_dtype": ("float32", "bfloat16")}
 INT_FIELDS = [f for f, (k, _, _) in NUMERIC.items() if k is int]
 FLOAT_FIELDS = [f for f, (k, _, _) in NUMERIC.items() if k is float]
 
@@ -150,7 +151,8 @@ def test_out_of_range_floats_are_rejected(data) -> None:
     """Random values outside each float field's meaning (a probability above 1, a negative decay, ...)."""
     ranges = {"min_activity": (0.0, 1.0), "activity_decay": (0.0, 1.0), "min_sample_weight": (0.0, 1.0),
               "coherence_threshold": (-1.0, 1.0), "interp_decay": (0.0, 1.0), "trend_weight": (0.0, 1.0),
-              "gca_smoothing": (0.0, 1.0), "low_loss_threshold": (0.0, None), "loss_spike_threshold": (1.0, None)}
+              "gca_smoothing": (0.0, 1.0), "noise_scale": (0.0, 1.0), "low_loss_threshold": (0.0, None),
+              "loss_spike_threshold": (1.0, None)}
     name = data.draw(st.sampled_from(sorted(ranges)))
     lo, hi = ranges[name]
     below = st.floats(max_value=lo, exclude_max=True, allow_nan=False, allow_infinity=False)
@@ -193,6 +195,75 @@ def test_layers_of_a_wrong_type_raise_type_error(value) -> None:
 def test_empty_layers_rejected() -> None:
     with pytest.raises(ValueError, match="layers"):
         FlashConfig(layers=())
+
+
+# --------------------------------------------------------------------------- #
+# Random whole configurations
+# --------------------------------------------------------------------------- #
+
+# field -> strategy of values it accepts (every field of FlashConfig, checked by the test below)
+VALID = {
+    **{name: st.booleans() for name in BOOL_FIELDS},
+    "min_activity": st.floats(0.0, 1.0, exclude_min=True),
+    "honest_check_every": st.integers(1, 10**6),
+    "activity_decay": st.floats(0.0, 1.0, exclude_max=True),
+    "min_sample_weight": st.floats(0.0, 1.0, exclude_min=True),
+    "low_loss_threshold": st.floats(0.0, 1e6, exclude_min=True),
+    "coherence_threshold": st.floats(-1.0, 1.0),
+    "max_virtual_steps": st.integers(0, 100),
+    "gca_checkpoint_every": st.integers(1, 1000),
+    "warmup_steps": st.integers(0, 10**6),
+    "loss_spike_threshold": st.floats(1.0, 100.0, exclude_min=True),
+    "log_every": st.integers(1, 10**4),
+    "seed": st.integers(0, 2**63 - 1),
+    "interp_decay": st.floats(0.0, 1.0, exclude_max=True),
+    "trend_weight": st.floats(0.0, 1.0),
+    "noise_scale": st.floats(0.0, 1.0),
+    "max_consecutive_skips": st.integers(1, 100),
+    "gca_smoothing": st.floats(0.0, 1.0, exclude_max=True),
+    "spike_cooldown_steps": st.integers(0, 10**6),
+    **{name: st.sampled_from(choices) for name, choices in CHOICES.items()},
+    "layers": st.one_of(st.none(), st.lists(st.text(min_size=1, max_size=8), min_size=1, max_size=4).map(tuple)),
+}
+
+
+def test_every_field_has_a_random_strategy() -> None:
+    assert set(VALID) == {f.name for f in dataclasses.fields(FlashConfig)}
+
+
+def _bad_value(name: str):
+    """A strategy of ``(value, exception)`` for ``name``: out of range (ValueError) or of a wrong type (TypeError)."""
+    def typed(values, exc):
+        return values.map(lambda v: (v, exc))
+
+    if name in BOOL_FIELDS:
+        return typed(_wrong_types(bool), TypeError)
+    if name in NUMERIC:
+        kind, _, bad = NUMERIC[name]
+        return st.one_of(typed(st.sampled_from(bad), ValueError), typed(_wrong_types(kind), TypeError))
+    if name in CHOICES:
+        return st.one_of(typed(st.sampled_from(["", "float16", "EMA", "Branch"]), ValueError),
+                         typed(st.sampled_from([5, None, b"x", 1.5]), TypeError))
+    return st.one_of(typed(st.just(()), ValueError), typed(st.sampled_from([5, "a.0", ("a", 3)]), TypeError))
+
+
+@FAST
+@given(st.fixed_dictionaries(VALID))
+def test_random_valid_configurations_are_accepted_and_round_trip(values) -> None:
+    cfg = FlashConfig(**values)
+    for name, value in values.items():
+        assert getattr(cfg, name) == value, name
+    assert FlashConfig(**json.loads(json.dumps(cfg.to_dict()))) == cfg
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.fixed_dictionaries(VALID), st.data())
+def test_random_configurations_with_one_bad_field_are_refused_naming_it(values, data) -> None:
+    """A whole random configuration, valid but for one field: the error is of the right kind and names that field."""
+    name = data.draw(st.sampled_from(sorted(VALID)))
+    value, exc = data.draw(_bad_value(name))
+    with pytest.raises(exc, match=rf"FlashConfig\.{name}\b"):
+        FlashConfig(**{**values, name: value})
 
 
 # --------------------------------------------------------------------------- #

@@ -379,6 +379,7 @@ def _calls() -> dict:
         "weigh_samples": (weigh_samples, (losses,), dict(min_weight=0.2, low_loss_threshold=1.0)),
         "weighted_loss": (weighted_loss, (losses.nan_to_num(), weights), dict(normaliser=torch.tensor(7.0))),
         "flash_init": (flash.flash_init, (params, (torch.ones(3),)), {}),
+        "history_dtype_of": (flash.history_dtype_of, ("bfloat16",), {}),
         "plan_step": (flash.plan_step, (flash_s, FLASH_CFG), dict(u=torch.full((3,), 0.5, dtype=torch.float64))),
         "flash_update": (flash.flash_update, (flash_s, *f_args), f_kwargs),
     }

@@ -9,6 +9,7 @@ from torch import nn
 
 from ..config import FlashConfig
 from ..core.alas import ALASState, alas_init, alas_update, should_backward, state_nbytes
+from ..core.flash import history_dtype_of
 from ..func.layers import LayerMap, find_layers
 
 __all__ = ["ALASTracker"]
@@ -33,6 +34,8 @@ class ALASTracker:
         warmup_steps: updates during which every layer computes its backward.
         seed: seed of the decisions.
         layers: explicit module paths/patterns of the layers.
+        history_dtype: dtype of the gradient history, ``"float32"`` or ``"bfloat16"``
+            (half the bytes; see ``docs/configuration.md``).
 
     Example:
         >>> from torch import nn
@@ -45,12 +48,13 @@ class ALASTracker:
 
     def __init__(self, min_activity: float = 0.3, honest_check_every: int = 20, activity_decay: float = 0.95, *,
                  warmup_steps: int = 0, seed: int = 0, layers: Optional[Sequence[str]] = None,
-                 max_consecutive_skips: int = 5) -> None:
+                 max_consecutive_skips: int = 5, history_dtype: str = "float32") -> None:
         # validation shares FlashConfig's rules and messages
         self.config = FlashConfig.for_arguments(
             "ALASTracker", {}, min_activity=min_activity, honest_check_every=honest_check_every,
             activity_decay=activity_decay, warmup_steps=warmup_steps, seed=seed,
-            layers=tuple(layers) if isinstance(layers, list) else layers, max_consecutive_skips=max_consecutive_skips)
+            layers=tuple(layers) if isinstance(layers, list) else layers, max_consecutive_skips=max_consecutive_skips,
+            history_dtype=history_dtype)
         self.state: Optional[ALASState] = None
         self.lmap: Optional[LayerMap] = None
         self.decision: Optional[torch.Tensor] = None
@@ -65,7 +69,8 @@ class ALASTracker:
         """Find the model's layers and start a fresh state (every layer fully active)."""
         self.lmap = find_layers(model, self.config.layers)
         self._params = dict(model.named_parameters())
-        self.state = alas_init(tuple(tuple(self._params[n] for n in names) for names in self.lmap.params))
+        self.state = alas_init(tuple(tuple(self._params[n] for n in names) for names in self.lmap.params),
+                               history_dtype=history_dtype_of(self.config.history_dtype))
         self.decision = self._decide()
 
     def _decide(self) -> torch.Tensor:

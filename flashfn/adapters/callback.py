@@ -185,9 +185,10 @@ class FlashModeCallback(TrainerCallback):
         self.lmap = lmap
         if self._alas_on:
             self._skipper = BlockSkipper(model, lmap, cfg.alas_mechanism)
-        if cfg.warmup_steps >= getattr(args, "max_steps", 0) > 0:
-            self._log("Flash Mode: max_steps=%d <= warmup_steps=%d: the whole run is warm-up (plain training).",
-                      args.max_steps, cfg.warmup_steps, warn=True)
+        max_steps = getattr(state, "max_steps", 0) or getattr(args, "max_steps", 0)  # the state's counts epochs too
+        if cfg.warmup_steps >= max_steps > 0:
+            self._log("Flash Mode: max_steps=%d <= warmup_steps=%d: the whole run is warm-up, Flash Mode never acts "
+                      "(plain training).", max_steps, cfg.warmup_steps, warn=True)
         self._kind = head_kind(model)
         self._weighting_on = cfg.enable_sample_weighting
         if self._weighting_on and self._kind is None:
@@ -195,13 +196,14 @@ class FlashModeCallback(TrainerCallback):
                       "(supported: causal LM, masked LM, sequence and token classification).",
                       type(model).__name__, warn=True)
             self._weighting_on = False
+        self._wrap_trainer_loss()
         self._wrap_forward(model)
         self._effective = cfg.replace(enable_alas=self._alas_on, enable_gca=self._gca_on,
                                       enable_sample_weighting=self._weighting_on)
         if self.state is None:  # a second train() call on this callback continues its state
             layer_params = tuple(tuple(self._params[n].detach() for n in names) for names in lmap.params)
             others = tuple(self._params[n].detach() for n in lmap.others)
-            self.state = flash_init(layer_params, others, with_gca=self._gca_on)
+            self.state = flash_init(layer_params, others, with_gca=self._gca_on, history_dtype=cfg.history_dtype)
             if getattr(state, "global_step", 0) > 0:  # the Trainer resumed from a checkpoint
                 self._resume(_resume_dir(args, state))
 
@@ -326,7 +328,37 @@ class FlashModeCallback(TrainerCallback):
         self._plan = plan._replace(weigh=False)
         return forward(*args, **kwargs)
 
+    def _wrap_trainer_loss(self) -> None:
+        """With label smoothing or a ``compute_loss_func`` the Trainer computes the loss, not the model.
+
+        The model then gets no labels and returns no loss: sample weighting is
+        turned off (logged) and the loss Flash Mode watches (spikes, GCA's
+        rollback) is the one ``Trainer.compute_loss`` returns.
+        """
+        trainer = self._trainer
+        if trainer is None or (getattr(trainer, "label_smoother", None) is None
+                               and getattr(trainer, "compute_loss_func", None) is None):
+            return
+        if self._weighting_on:
+            self._log("Flash Mode: sample weighting is off: the Trainer computes the loss outside the model (label "
+                      "smoothing or compute_loss_func), so it cannot be split per sample.", warn=True)
+            self._weighting_on = False
+        orig = trainer.compute_loss
+        cb = self
+
+        @functools.wraps(orig)
+        def compute_loss(model: nn.Module, *args: Any, **kwargs: Any) -> Any:
+            res = orig(model, *args, **kwargs)
+            loss = res[0] if isinstance(res, tuple) else res
+            if model.training and isinstance(loss, torch.Tensor):
+                cb._step_losses.append(loss.detach().float().reshape(1))
+            return res
+
+        trainer.compute_loss = compute_loss
+
     def _teardown(self) -> None:
+        if self._trainer is not None and "compute_loss" in vars(self._trainer):
+            del self._trainer.compute_loss  # the instance attribute set by _wrap_trainer_loss
         if self._skipper is not None:
             self._skipper.remove()
             self._skipper = None

@@ -25,6 +25,10 @@ Definitions (also in ``docs/statistics.md``):
   directions (``memory_vs_params``: as a multiple of the model's float32
   parameter bytes). GCA's rollback snapshot (a copy of the parameters and
   the optimizer state, taken only with GCA on) comes on top.
+- **alas_history_bytes**: of these, the bytes of ALAS's gradient history
+  alone (its three flat copies of the blocks' parameters, in
+  ``FlashConfig.history_dtype``); ``alas_history_vs_params`` as a multiple of
+  the model's float32 parameter bytes.
 """
 
 from __future__ import annotations
@@ -93,6 +97,8 @@ class FlashStats(dict):
             else None
         w = state.weighting
         memory = state_nbytes(state.alas) + state_nbytes(state.gca)
+        a = state.alas
+        history = sum(x.numel() * x.element_size() for x in (*a.avg, *a.last, *a.prev))
         all_param_steps = float(total_params) * steps
         d = {
             "total_steps": steps,
@@ -118,6 +124,8 @@ class FlashStats(dict):
             "nonfinite_losses": int(state.safety.nonfinite),
             "memory_bytes": memory,
             "memory_vs_params": memory / (4.0 * total_params) if total_params else None,
+            "alas_history_bytes": history,
+            "alas_history_vs_params": history / (4.0 * total_params) if total_params else None,
         }
         return cls(d)
 

@@ -11,7 +11,7 @@ drive this same pair.
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple, Optional, Sequence, Tuple
+from typing import Any, NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -22,7 +22,24 @@ from .weighting import WeightingState, weighting_init, weighting_update
 
 Tensor = torch.Tensor
 
-__all__ = ["Counters", "FlashState", "StepPlan", "flash_init", "plan_step", "flash_update"]
+__all__ = ["Counters", "FlashState", "StepPlan", "flash_init", "history_dtype_of", "plan_step", "flash_update"]
+
+#: ``FlashConfig.history_dtype`` names and the dtypes they stand for.
+HISTORY_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def history_dtype_of(dtype: Union[str, torch.dtype, None]) -> Optional[torch.dtype]:
+    """The torch dtype of ALAS's gradient history: a ``FlashConfig.history_dtype`` name, a dtype, or ``None``.
+
+    Example:
+        >>> history_dtype_of("bfloat16")
+        torch.bfloat16
+    """
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in HISTORY_DTYPES:
+        raise ValueError(f"history_dtype must be one of {tuple(HISTORY_DTYPES)} or a torch.dtype, got {dtype!r}")
+    return HISTORY_DTYPES[dtype]
 
 
 class Counters(NamedTuple):
@@ -72,13 +89,15 @@ class StepPlan(NamedTuple):
 
 
 def flash_init(layer_params: Sequence[Sequence[Tensor]], other_params: Sequence[Tensor],
-               *, history_dtype: Optional[torch.dtype] = None, with_gca: bool = True) -> FlashState:
+               *, history_dtype: Union[str, torch.dtype, None] = None, with_gca: bool = True) -> FlashState:
     """A fresh state.
 
     Args:
         layer_params: per ALAS layer, its parameter tensors.
         other_params: the parameters outside every layer (always honest).
-        history_dtype: dtype of ALAS's gradient history.
+        history_dtype: dtype of ALAS's gradient history: a torch dtype or a
+            ``FlashConfig.history_dtype`` name (``"float32"``, ``"bfloat16"``);
+            ``None`` keeps the parameters' dtype.
         with_gca: allocate GCA's direction (two copies of the gradient); with
             ``False`` GCA cannot be used with this state.
 
@@ -93,7 +112,7 @@ def flash_init(layer_params: Sequence[Sequence[Tensor]], other_params: Sequence[
     sizes = torch.tensor([sum(p.numel() for p in layer) for layer in layer_params], dtype=torch.int64)
     return FlashState(
         step=torch.zeros((), dtype=torch.int64),
-        alas=alas_init(layer_params, history_dtype=history_dtype),
+        alas=alas_init(layer_params, history_dtype=history_dtype_of(history_dtype)),
         gca=gca_init(gradient_like if with_gca else ()),
         safety=safety_init(),
         weighting=weighting_init(),
