@@ -38,7 +38,7 @@ cfg = FlashConfig(warmup_steps=50, low_loss_threshold=2.0)
 params, buffers = dict(model.named_parameters()), dict(model.named_buffers())
 lmap = find_layers(model)                                   # ALAS layers: transformer.h.N
 skipper = BlockSkipper(model, lmap, cfg.alas_mechanism)     # skipped blocks really skip their backward
-state = flash_init_for(model, lmap, params)
+state = flash_init_for(model, lmap, params, cfg=cfg)
 opt = torch.optim.AdamW(params.values(), lr=3e-3)
 snapshot = None
 timer = StepTimer()                                         # step times, for the Effective Speedup
@@ -55,7 +55,7 @@ for step, batch in enumerate(data):
     grads, loss, aux = masked_value_and_grad(per_sample_loss, params, buffers, batch, lmap=lmap, plan=plan,
                                              skipper=skipper, min_sample_weight=cfg.min_sample_weight,
                                              low_loss_threshold=cfg.low_loss_threshold)
-    state, grads, decision = finish_step(state, cfg, plan, lmap, params, grads, loss, aux.weights)
+    state, grads, decision = finish_step(state, cfg, plan, lmap, params, grads, loss, aux.weights, optimizer=opt)
     apply_gradients(params, grads)                          # real + interpolated gradients
     opt.step()
     snapshot = gca_after_step(decision, params, opt, snapshot)  # GCA: rollback / checkpoint / virtual steps

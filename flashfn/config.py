@@ -14,7 +14,7 @@ from typing import Any, Optional, Tuple
 __all__ = ["FlashConfig"]
 
 MECHANISMS = ("branch", "freeze")
-PREDICTORS = ("ema", "none")
+PREDICTORS = ("ema", "momentum", "none")
 HISTORY_DTYPES = ("float32", "bfloat16")
 
 
@@ -89,7 +89,9 @@ class FlashConfig:
     # ---- extras (the library's own; see docs/configuration.md) ----
     seed: int = 0
     alas_mechanism: str = "branch"
-    predictor: str = "ema"
+    predictor: str = "momentum"
+    min_fidelity: float = 0.5
+    step_back_after: int = 10
     interp_decay: float = 0.9
     trend_weight: float = 0.2
     noise_scale: float = 0.05
@@ -114,6 +116,8 @@ class FlashConfig:
         _check("loss_spike_threshold", self.loss_spike_threshold, float, 1.0, None, lo_open=True)
         _check("log_every", self.log_every, int, 1)
         _check("seed", self.seed, int, 0, 2**63 - 1)
+        _check("min_fidelity", self.min_fidelity, float, 0.0, 1.0, hi_open=True)
+        _check("step_back_after", self.step_back_after, int, 0)
         _check("interp_decay", self.interp_decay, float, 0.0, 1.0, hi_open=True)
         _check("trend_weight", self.trend_weight, float, 0.0, 1.0)
         _check("noise_scale", self.noise_scale, float, 0.0, 1.0)

@@ -25,7 +25,8 @@ from flashfn import FlashConfig, FlashModeCallback
 STEPS = 60
 ACCUM = 2
 CFG = FlashConfig(warmup_steps=4, honest_check_every=6, activity_decay=0.5, coherence_threshold=-1.0,
-                  max_virtual_steps=1, gca_checkpoint_every=3, low_loss_threshold=10.0, verbose=False)
+                  max_virtual_steps=1, gca_checkpoint_every=3, low_loss_threshold=10.0, verbose=False,
+                  predictor="ema", min_fidelity=0.0, step_back_after=0)  # every component acts, whatever it measures
 
 
 def digest(tensors) -> str:

@@ -90,8 +90,12 @@ def test_quick_start_verbatim(tmp_path, capsys) -> None:
     stats = cb.get_stats()
     assert stats["total_steps"] == 200
     assert stats["active_steps"] == 200 - config.warmup_steps
-    assert stats["alas_savings"] > 0  # layers really were skipped
-    assert stats["samples_weighted"] == (200 - config.warmup_steps) * BATCH  # weights applied on every active step
+    # a byte-level LM's per-sample losses stay far above low_loss_threshold=0.5: weighting changes nothing, so
+    # it steps back after step_back_after weighted steps; GCA's coherence never reaches 0.95, so it steps back too
+    assert stats["samples_weighted"] == config.step_back_after * BATCH
+    assert stats["stepped_back"]["weighting"] == config.warmup_steps + config.step_back_after
+    assert stats["stepped_back"]["gca"] is not None and stats["gca_virtual_steps"] == 0
+    assert any("sample weighting steps back" in e for e in cb.events)
     out = capsys.readouterr().out
     assert out.count("FLASH MODE — STATISTICS") == 1
     assert f"ALAS Savings: {100 * stats['alas_savings']:.1f}%" in out
@@ -99,6 +103,7 @@ def test_quick_start_verbatim(tmp_path, capsys) -> None:
     assert f"Sample Weight Avg: {stats['sample_weight_avg']:.3f}" in out
     assert "Total Steps: 200" in out
     assert f"Loss Spikes: {stats['loss_spikes']} | Auto-Disables: {stats['auto_disables']}" in out
+    assert f"Stepped back (not helping): Weighting @ {stats['stepped_back']['weighting']}, GCA @ " in out
 
 
 def test_statistics_box_lines_align_on_screen(tmp_path, capsys) -> None:
@@ -114,7 +119,7 @@ def test_statistics_box_lines_align_on_screen(tmp_path, capsys) -> None:
 def test_figures_are_measured_not_constants(tmp_path) -> None:
     """Two differently configured runs report different figures; each respects its own configuration."""
     ds = byte_dataset(BATCH * 150)
-    common = dict(warmup_steps=20, enable_gca=False, **QUIET)
+    common = dict(warmup_steps=20, enable_gca=False, predictor="ema", min_fidelity=0.0, step_back_after=0, **QUIET)
     a = FlashModeCallback(FlashConfig(min_activity=0.3, low_loss_threshold=0.5, **common))
     b = FlashModeCallback(FlashConfig(min_activity=0.9, low_loss_threshold=10.0, **common))
     run(tmp_path / "a", 150, [a], dataset=ds)
@@ -184,7 +189,7 @@ class SkipProbe(TrainerCallback):
 def _skip_run(tmp_path, max_grad_norm: float, optim: str, lr: float, accum: int = 1):
     # the same samples on every step: successive gradients are alike, so ALAS finds predictable layers and skips
     cfg = FlashConfig(warmup_steps=5, enable_gca=False, enable_sample_weighting=False, activity_decay=0.5,
-                      honest_check_every=10, **QUIET)
+                      honest_check_every=10, predictor="ema", **QUIET)
     flash = FlashModeCallback(cfg)
     probe = SkipProbe(flash)
     run(tmp_path, 60, [flash, probe], dataset=byte_dataset(BATCH * accum), max_grad_norm=max_grad_norm,
@@ -286,7 +291,7 @@ def test_unit_weights_reproduce_the_trainer_loss(tmp_path, accum) -> None:
     steps = 25
     plain = tiny_gpt2()
     t_plain = run(tmp_path / "plain", steps, [], model=plain, gradient_accumulation_steps=accum, logging_steps=1)
-    cfg = FlashConfig(enable_alas=False, enable_gca=False, min_sample_weight=1.0, warmup_steps=0)
+    cfg = FlashConfig(enable_alas=False, enable_gca=False, min_sample_weight=1.0, warmup_steps=0, step_back_after=0)
     cb = FlashModeCallback(cfg, verbose=False)
     flash = tiny_gpt2()
     t_flash = run(tmp_path / "flash", steps, [cb], model=flash, gradient_accumulation_steps=accum, logging_steps=1)

@@ -51,6 +51,8 @@ NUMERIC = {
     "loss_spike_threshold": (float, [1.01, 1.1, 3.0], [1.0, 0.9, 0.0, -1.0]),
     "log_every": (int, [1, 50], [0, -1]),
     "seed": (int, [0, 1, 2**63 - 1], [-1, 2**64]),
+    "min_fidelity": (float, [0.0, 0.5, 0.99], [1.0, -0.1, 1.5]),
+    "step_back_after": (int, [0, 10], [-1]),
     "interp_decay": (float, [0.0, 0.9], [1.0, -0.1, 1.5]),
     "trend_weight": (float, [0.0, 0.2, 1.0], [-0.1, 1.5]),
     "noise_scale": (float, [0.0, 0.05], [-0.01]),
@@ -58,7 +60,7 @@ NUMERIC = {
     "gca_smoothing": (float, [0.0, 0.8], [1.0, -0.2, 2.0]),
     "spike_cooldown_steps": (int, [0, 100], [-1]),
 }
-CHOICES = {"alas_mechanism": ("branch", "freeze"), "predictor": ("ema", "none"),
+CHOICES = {"alas_mechanism": ("branch", "freeze"), "predictor": ("momentum", "ema", "none"),
            "history_dtype": ("float32", "bfloat16")}
 INT_FIELDS = [f for f, (k, _, _) in NUMERIC.items() if k is int]
 FLOAT_FIELDS = [f for f, (k, _, _) in NUMERIC.items() if k is float]
@@ -151,7 +153,8 @@ def test_out_of_range_floats_are_rejected(data) -> None:
     """Random values outside each float field's meaning (a probability above 1, a negative decay, ...)."""
     ranges = {"min_activity": (0.0, 1.0), "activity_decay": (0.0, 1.0), "min_sample_weight": (0.0, 1.0),
               "coherence_threshold": (-1.0, 1.0), "interp_decay": (0.0, 1.0), "trend_weight": (0.0, 1.0),
-              "gca_smoothing": (0.0, 1.0), "noise_scale": (0.0, 1.0), "low_loss_threshold": (0.0, None),
+              "gca_smoothing": (0.0, 1.0), "noise_scale": (0.0, 1.0), "min_fidelity": (0.0, 1.0),
+              "low_loss_threshold": (0.0, None),
               "loss_spike_threshold": (1.0, None)}
     name = data.draw(st.sampled_from(sorted(ranges)))
     lo, hi = ranges[name]
@@ -216,6 +219,8 @@ VALID = {
     "loss_spike_threshold": st.floats(1.0, 100.0, exclude_min=True),
     "log_every": st.integers(1, 10**4),
     "seed": st.integers(0, 2**63 - 1),
+    "min_fidelity": st.floats(0.0, 1.0, exclude_max=True),
+    "step_back_after": st.integers(0, 10**4),
     "interp_decay": st.floats(0.0, 1.0, exclude_max=True),
     "trend_weight": st.floats(0.0, 1.0),
     "noise_scale": st.floats(0.0, 1.0),

@@ -155,7 +155,8 @@ def test_predictor_none_gives_no_predictions() -> None:
 
 def test_a_spike_resets_alas_activity_to_one() -> None:
     cfg = FlashConfig(warmup_steps=5, honest_check_every=1000, min_activity=0.3, activity_decay=0.8,
-                      spike_cooldown_steps=10, coherence_threshold=0.0, gca_checkpoint_every=2)
+                      spike_cooldown_steps=10, coherence_threshold=0.0, gca_checkpoint_every=2, predictor="ema",
+                      min_fidelity=0.0)
     lp, op = params()
     s = flash_init(lp, op)
     for t in range(60):

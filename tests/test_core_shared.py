@@ -36,6 +36,7 @@ from flashfn.core.alas import (
 )
 from flashfn.core.gca import gca_init, gca_reset, gca_update
 from flashfn.core.safety import is_active, is_honest_step, safety_init, safety_update
+from flashfn.core.stepback import is_stepped_back, step_back_messages, stepback_init, stepback_update
 from flashfn.core.weighting import weigh_samples, weighted_loss, weighting_init, weighting_update
 
 Tensor = torch.Tensor
@@ -379,9 +380,16 @@ def _calls() -> dict:
         "weigh_samples": (weigh_samples, (losses,), dict(min_weight=0.2, low_loss_threshold=1.0)),
         "weighted_loss": (weighted_loss, (losses.nan_to_num(), weights), dict(normaliser=torch.tensor(7.0))),
         "flash_init": (flash.flash_init, (params, (torch.ones(3),)), {}),
-        "history_dtype_of": (flash.history_dtype_of, ("bfloat16",), {}),
         "plan_step": (flash.plan_step, (flash_s, FLASH_CFG), dict(u=torch.full((3,), 0.5, dtype=torch.float64))),
         "flash_update": (flash.flash_update, (flash_s, *f_args), f_kwargs),
+        "component_on": (flash.component_on, (flash_s, FLASH_CFG, "gca"), {}),
+        "uses_history": (flash.uses_history, (FLASH_CFG,), {}),
+        "history_dtype_of": (flash.history_dtype_of, ("bfloat16",), {}),
+        "stepback_init": (stepback_init, (), {}),
+        "stepback_update": (stepback_update, (stepback_init(), 3), dict(step_back_after=1, weighting_acted=False,
+                                                                       gca_window_virtual=2)),
+        "is_stepped_back": (is_stepped_back, (stepback_init(), "alas"), {}),
+        "step_back_messages": (step_back_messages, (stepback_init(), flash_s.stepback, FLASH_CFG), {}),
     }
 
 

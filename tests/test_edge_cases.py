@@ -48,7 +48,7 @@ def test_no_alas_layers_turns_only_alas_off(tmp_path) -> None:
     """A GPT-2 with one block has no repeated blocks: ALAS is off (logged); sample weighting and GCA still act."""
     steps, warmup = 20, 4
     model = tiny_gpt2(n_layer=1)
-    cb = FlashModeCallback(FlashConfig(warmup_steps=warmup, **QUIET))
+    cb = FlashModeCallback(FlashConfig(warmup_steps=warmup, step_back_after=0, **QUIET))
     trainer = run(tmp_path, steps, [cb], model=model, logging_steps=1)
     assert any("no repeated blocks" in e and "ALAS" in e and "off" in e for e in cb.events)
     assert len(cb.lmap) == 0 and cb._skipper is None

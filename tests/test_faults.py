@@ -9,7 +9,8 @@ from transformers import TrainerCallback
 from flashfn import FlashConfig, FlashModeCallback
 
 CFG = FlashConfig(warmup_steps=4, honest_check_every=3, activity_decay=0.5, coherence_threshold=-1.0,
-                  gca_checkpoint_every=3, low_loss_threshold=10.0, verbose=False)
+                  gca_checkpoint_every=3, low_loss_threshold=10.0, verbose=False,
+                  predictor="ema", min_fidelity=0.0, step_back_after=0)  # every component acts, whatever it measures
 BAD_STEPS = (6, 11)
 
 

@@ -40,7 +40,7 @@ SKIP_1_3 = torch.tensor([0.0, 1.0, 0.0, 1.0])  # ALAS draws: u=1 is never < acti
 
 def _cfg(**kw: Any) -> FlashConfig:
     base = dict(warmup_steps=2, honest_check_every=50, enable_sample_weighting=False, enable_gca=False,
-                verbose=False)
+                verbose=False, predictor="ema")
     base.update(kw)
     return FlashConfig(**base)
 

@@ -14,7 +14,8 @@ from flashfn.adapters.callback import STATE_FILE
 N, K = 40, 20
 # every component acts from step 5 on; GCA fires (coherence threshold -1) so its snapshot is saved too
 CFG = FlashConfig(warmup_steps=5, honest_check_every=4, min_activity=0.3, activity_decay=0.5,
-                  coherence_threshold=-1.0, gca_checkpoint_every=3, low_loss_threshold=10.0, verbose=False)
+                  coherence_threshold=-1.0, gca_checkpoint_every=3, low_loss_threshold=10.0, verbose=False,
+                  predictor="ema", min_fidelity=0.0, step_back_after=0)
 
 
 def _train(out_dir, cfg=CFG, resume=None, max_steps=N, model=None):

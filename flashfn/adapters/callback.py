@@ -39,13 +39,14 @@ import torch
 from torch import nn
 
 from ..config import FlashConfig
-from ..core.flash import FlashState, StepPlan, flash_init, flash_update, plan_step
+from ..core.flash import FlashState, StepPlan, flash_init, flash_update, plan_step, uses_history
 from ..core.gca import GCADecision
+from ..core.stepback import step_back_messages
 from ..core.weighting import weigh_samples
 from ..func.hf_losses import head_kind, honours_num_items, per_sample_head_terms, weighted_head_loss
 from ..func.layers import LayerMap, find_layers
 from ..func.skipping import BlockSkipper
-from ..func.step import Snapshot, gca_after_step
+from ..func.step import Snapshot, first_moments, gca_after_step
 from .stats import FlashStats, StepTimer
 
 try:  # transformers is an optional extra: the class still imports without it, but cannot be used with a Trainer
@@ -203,7 +204,8 @@ class FlashModeCallback(TrainerCallback):
         if self.state is None:  # a second train() call on this callback continues its state
             layer_params = tuple(tuple(self._params[n].detach() for n in names) for names in lmap.params)
             others = tuple(self._params[n].detach() for n in lmap.others)
-            self.state = flash_init(layer_params, others, with_gca=self._gca_on, history_dtype=cfg.history_dtype)
+            self.state = flash_init(layer_params, others, with_gca=self._gca_on, history_dtype=cfg.history_dtype,
+                                    history=uses_history(cfg))
             if getattr(state, "global_step", 0) > 0:  # the Trainer resumed from a checkpoint
                 self._resume(_resume_dir(args, state))
 
@@ -391,8 +393,13 @@ class FlashModeCallback(TrainerCallback):
         layer_params = tuple(tuple(params[n].detach() for n in names) for names in lmap.params)
         other_grads = tuple(_grad_or_zeros(params[n]) for n in lmap.others) if self._gca_on else None
         loss, weights = self._shared_loss_and_weights()
+        predicted = first_moments(optimizer, layer_params) if self.config.predictor == "momentum" else None
+        before = self.state.stepback
         self.state, preds, self._decision = flash_update(self.state, self._effective, plan, layer_grads,
-                                                         layer_params, loss, other_grads=other_grads, weights=weights)
+                                                         layer_params, loss, other_grads=other_grads, weights=weights,
+                                                         predicted=predicted)
+        for msg in step_back_messages(before, self.state.stepback, self.config):
+            self._log(msg, warn=True)
         injected = []
         for i, pred in enumerate(preds):
             if pred is None:

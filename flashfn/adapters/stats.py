@@ -21,6 +21,9 @@ Definitions (also in ``docs/statistics.md``):
 - **GCA Virtual Steps** = virtual optimizer steps / real optimizer steps.
 - **Sample Weight Avg** = mean of every sample weight applied (``n/a`` if none was).
 - **Loss Spikes / Auto-Disables**: counted by the safety logic.
+- **stepped_back**: per component (``alas``, ``weighting``, ``gca``), the
+  step at which it stepped back because it was not helping (``None``: it
+  did not); see :mod:`flashfn.core.stepback`. The box lists them.
 - **memory_bytes**: bytes held by ALAS's gradient history and GCA's
   directions (``memory_vs_params``: as a multiple of the model's float32
   parameter bytes). GCA's rollback snapshot (a copy of the parameters and
@@ -39,6 +42,7 @@ from typing import Any, Dict, List, Optional
 
 from ..core.alas import state_nbytes
 from ..core.flash import FlashState
+from ..core.stepback import COMPONENTS
 
 __all__ = ["FlashStats", "StepTimer", "format_box"]
 
@@ -121,6 +125,7 @@ class FlashStats(dict):
             "samples_down_weighted": int(w.low_count),
             "loss_spikes": int(state.safety.spikes),
             "auto_disables": int(state.safety.disables),
+            "stepped_back": {k: (int(at) if int(at) >= 0 else None) for k, at in zip(COMPONENTS, state.stepback.at)},
             "nonfinite_losses": int(state.safety.nonfinite),
             "memory_bytes": memory,
             "memory_vs_params": memory / (4.0 * total_params) if total_params else None,
@@ -144,6 +149,9 @@ def _display_width(text: str) -> int:
     return sum(2 if unicodedata.east_asian_width(ch) in ("W", "F") else 1 for ch in text)
 
 
+_NAMES = {"alas": "ALAS", "weighting": "Weighting", "gca": "GCA"}
+
+
 def _pct(x: Optional[float]) -> str:
     return "n/a" if x is None else f"{100.0 * x:.1f}%"
 
@@ -165,6 +173,9 @@ def format_box(s: Dict[str, Any], width: int = 70) -> str:
         f"Total Steps: {s.get('total_steps', 0)}",
         f"Loss Spikes: {s.get('loss_spikes', 0)} | Auto-Disables: {s.get('auto_disables', 0)}",
     ]
+    back = [f"{_NAMES[k]} @ {at}" for k, at in (s.get("stepped_back") or {}).items() if at is not None]
+    if back:
+        lines.append("Stepped back (not helping): " + ", ".join(back))
     out = ["╔" + "═" * width + "╗"]
     for line in lines:
         if line is None:

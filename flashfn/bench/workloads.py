@@ -558,6 +558,7 @@ class FashionMLP(Workload):
 
         from ..adapters.stats import FlashStats, StepTimer
         from ..core.flash import plan_step
+        from ..core.stepback import step_back_messages
         from ..func import (
             BlockSkipper,
             apply_gradients,
@@ -588,7 +589,7 @@ class FashionMLP(Workload):
             lmap = find_layers(model, cfg.layers)
             result.layer_names = list(lmap.names)
             skipper = BlockSkipper(model, lmap, cfg.alas_mechanism) if cfg.enable_alas else None
-            state = flash_init_for(model, lmap, params, with_gca=cfg.enable_gca)
+            state = flash_init_for(model, lmap, params, cfg=cfg)
             timer = StepTimer()
 
         def mean_loss(p: Dict[str, torch.Tensor], batch: Any) -> torch.Tensor:
@@ -625,7 +626,10 @@ class FashionMLP(Workload):
                     grads, loss, aux = masked_value_and_grad(
                         per_sample_loss, params, buffers, batch, lmap=lmap, plan=plan, skipper=skipper,
                         min_sample_weight=cfg.min_sample_weight, low_loss_threshold=cfg.low_loss_threshold)
-                    state, grads, decision = finish_step(state, cfg, plan, lmap, params, grads, loss, aux.weights)
+                    before = state.stepback
+                    state, grads, decision = finish_step(state, cfg, plan, lmap, params, grads, loss, aux.weights,
+                                                         optimizer=opt)
+                    result.events.extend(step_back_messages(before, state.stepback, cfg))
                     pattern = plan.skipped
                 apply_gradients(params, grads)
                 if s.max_grad_norm > 0:

@@ -14,6 +14,7 @@ from .alas import (
 )
 from .gca import GCADecision, GCAState, gca_init, gca_reset, gca_update
 from .safety import SafetyEvents, SafetyState, is_active, is_honest_step, safety_init, safety_update
+from .stepback import StepBackState, is_stepped_back, step_back_messages, stepback_init, stepback_update
 from .weighting import WeightingState, weigh_samples, weighted_loss, weighting_init, weighting_update
 
 __all__ = [
@@ -21,5 +22,6 @@ __all__ = [
     "state_nbytes", "flatten", "unflatten",
     "GCADecision", "GCAState", "gca_init", "gca_reset", "gca_update",
     "SafetyEvents", "SafetyState", "is_active", "is_honest_step", "safety_init", "safety_update",
+    "StepBackState", "is_stepped_back", "step_back_messages", "stepback_init", "stepback_update",
     "WeightingState", "weigh_samples", "weighted_loss", "weighting_init", "weighting_update",
 ]

@@ -72,7 +72,8 @@ class ALASState(NamedTuple):
     prev: Tuple[Tensor, ...]  # per layer, flat: the one before
 
 
-def alas_init(params: Sequence[Sequence[Tensor]], *, history_dtype: Optional[torch.dtype] = None) -> ALASState:
+def alas_init(params: Sequence[Sequence[Tensor]], *, history_dtype: Optional[torch.dtype] = None,
+              history: bool = True) -> ALASState:
     """A fresh state for the layers whose parameters are ``params``.
 
     Args:
@@ -81,6 +82,9 @@ def alas_init(params: Sequence[Sequence[Tensor]], *, history_dtype: Optional[tor
             The history of a layer is kept as flat vectors (one per quantity),
             in the order of its parameters, so that every update is a handful
             of large operations rather than several per tensor.
+        history: keep the gradient history (needed by :func:`interpolate`);
+            ``False`` when predictions come from elsewhere (the optimizer's
+            first moment), so the state holds no per-parameter memory.
 
     Returns:
         An ``ALASState`` with every activity at 1 (nothing is skipped before
@@ -94,7 +98,8 @@ def alas_init(params: Sequence[Sequence[Tensor]], *, history_dtype: Optional[tor
     """
     n = len(params)
     zeros = tuple(
-        torch.zeros(sum(p.numel() for p in layer), dtype=history_dtype or (layer[0].dtype if layer else torch.float32))
+        torch.zeros(sum(p.numel() for p in layer) if history else 0,
+                    dtype=history_dtype or (layer[0].dtype if layer else torch.float32))
         for layer in params)
     return ALASState(
         step=torch.zeros((), dtype=torch.int64),
@@ -140,6 +145,9 @@ def alas_update(
     activity_decay: float = 0.95,
     interp_decay: float = 0.9,
     trend_weight: float = 0.2,
+    min_fidelity: float = 0.0,
+    predicted: Optional[Sequence[Optional[Sequence[Tensor]]]] = None,
+    measure: bool = True,
 ) -> ALASState:
     """Fold one step's real gradients into the state.
 
@@ -153,6 +161,16 @@ def alas_update(
         activity_decay: smoothing of ``heat``, ``stability`` and ``activity``.
         interp_decay: decay of the gradient average used by :func:`interpolate`.
         trend_weight: weight of the trend term used to measure fidelity.
+        min_fidelity: the fidelity below which a layer counts as unpredictable:
+            ``stability`` follows ``clamp((cos - min_fidelity) / (1 - min_fidelity), 0, 1)``,
+            so a layer whose measured fidelity stays at or below it is never skipped.
+        predicted: per layer, the prediction (tensors shaped like the layer's
+            parameters) to measure fidelity against, e.g. the optimizer's first
+            moment; ``None`` (or ``None`` for a layer) uses the state's own
+            history (see :func:`interpolate`).
+        measure: ``False`` only counts which layers computed their gradient
+            (skip streaks) and touches no gradient: the cheap update of a step
+            on which nothing is measured.
 
     Returns:
         The new state; ``state`` and the inputs are not modified.
@@ -167,28 +185,34 @@ def alas_update(
     observed = state.observed.clone()
     avg_weight = state.avg_weight.clone()
     avg, last, prev = list(state.avg), list(state.last), list(state.prev)
+    history = any(a.numel() for a in avg)
     for i, g in enumerate(grads):
+        if g is not None and not measure:
+            streak[i] = 0
+            continue
         if g is not None:
-            g = flatten(g, avg[i].dtype)  # a new copy: it becomes ``last``
+            g = flatten(g, avg[i].dtype if history else torch.float32)  # a new copy: it becomes ``last``
             h = layer_heat((g,), params[i])
         if g is None or not bool(torch.isfinite(h)):  # non-finite iff a gradient is
             streak[i] += 1
             continue
-        if observed[i] > 0:
-            cos = tree_cosine(_predict(state, i, trend_weight), g).float()
+        pred = None if predicted is None or predicted[i] is None else flatten(predicted[i], torch.float32)
+        if pred is not None or (history and observed[i] > 0):
+            cos = tree_cosine(pred if pred is not None else _predict(state, i, trend_weight), g).float()
             fidelity[i] = cos
-            stability[i] = ema(stability[i], cos.clamp(0.0, 1.0), activity_decay)
-            heat[i] = ema(heat[i], h, activity_decay)
-        else:
-            heat[i] = h
+            usable = ((cos - min_fidelity) / (1.0 - min_fidelity)).clamp(0.0, 1.0)
+            stability[i] = ema(stability[i], usable, activity_decay)
+        heat[i] = h if observed[i] == 0 else ema(heat[i], h, activity_decay)
+        observed[i] += 1
+        streak[i] = 0
+        if not history:
+            continue
         w_old = avg_weight[i] * interp_decay
         avg_weight[i] = w_old + 1.0
         a = float(w_old / avg_weight[i])
         avg[i] = torch.lerp(avg[i], g, 1.0 - a)
         prev[i] = last[i]
         last[i] = g
-        observed[i] += 1
-        streak[i] = 0
     seen = heat > 0
     mean_heat = heat[seen].mean() if bool(seen.any()) else torch.tensor(0.0)
     cold = torch.where(seen, (mean_heat / heat.clamp_min(1e-30)).clamp(max=1.0), torch.zeros_like(heat))

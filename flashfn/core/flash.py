@@ -18,11 +18,13 @@ import torch
 from .alas import ALASState, alas_init, alas_update, interpolate, reset_activity, should_backward, unflatten
 from .gca import GCADecision, GCAState, gca_init, gca_reset, gca_update
 from .safety import SafetyState, is_active, is_honest_step, safety_init, safety_update
+from .stepback import StepBackState, is_stepped_back, stepback_init, stepback_update
 from .weighting import WeightingState, weighting_init, weighting_update
 
 Tensor = torch.Tensor
 
-__all__ = ["Counters", "FlashState", "StepPlan", "flash_init", "history_dtype_of", "plan_step", "flash_update"]
+__all__ = ["Counters", "FlashState", "StepPlan", "component_on", "flash_init", "history_dtype_of", "plan_step",
+           "flash_update", "uses_history"]
 
 #: ``FlashConfig.history_dtype`` names and the dtypes they stand for.
 HISTORY_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -72,6 +74,7 @@ class FlashState(NamedTuple):
     weighting: WeightingState
     counters: Counters
     layer_sizes: Tensor  # [L] int64, parameters per layer
+    stepback: StepBackState  # which components stepped back (see flashfn.core.stepback)
 
 
 class StepPlan(NamedTuple):
@@ -89,7 +92,8 @@ class StepPlan(NamedTuple):
 
 
 def flash_init(layer_params: Sequence[Sequence[Tensor]], other_params: Sequence[Tensor],
-               *, history_dtype: Union[str, torch.dtype, None] = None, with_gca: bool = True) -> FlashState:
+               *, history_dtype: Union[str, torch.dtype, None] = None, with_gca: bool = True,
+               history: bool = True) -> FlashState:
     """A fresh state.
 
     Args:
@@ -100,6 +104,8 @@ def flash_init(layer_params: Sequence[Sequence[Tensor]], other_params: Sequence[
             ``None`` keeps the parameters' dtype.
         with_gca: allocate GCA's direction (two copies of the gradient); with
             ``False`` GCA cannot be used with this state.
+        history: keep ALAS's gradient history (``FlashConfig.predictor``
+            ``"ema"`` or ``"none"``); the ``"momentum"`` predictor needs none.
 
     Example:
         >>> import torch
@@ -112,27 +118,39 @@ def flash_init(layer_params: Sequence[Sequence[Tensor]], other_params: Sequence[
     sizes = torch.tensor([sum(p.numel() for p in layer) for layer in layer_params], dtype=torch.int64)
     return FlashState(
         step=torch.zeros((), dtype=torch.int64),
-        alas=alas_init(layer_params, history_dtype=history_dtype_of(history_dtype)),
+        alas=alas_init(layer_params, history_dtype=history_dtype_of(history_dtype), history=history),
         gca=gca_init(gradient_like if with_gca else ()),
         safety=safety_init(),
         weighting=weighting_init(),
         counters=_counters_init(),
         layer_sizes=sizes,
+        stepback=stepback_init(),
     )
+
+
+def uses_history(cfg: Any) -> bool:
+    """Whether ``cfg``'s predictor needs ALAS's gradient history (``"momentum"`` does not)."""
+    return cfg.predictor != "momentum"
+
+
+def component_on(state: FlashState, cfg: Any, component: str) -> bool:
+    """``component`` (``"alas"``, ``"weighting"``, ``"gca"``) is enabled in ``cfg`` and has not stepped back."""
+    flag = {"alas": cfg.enable_alas, "weighting": cfg.enable_sample_weighting, "gca": cfg.enable_gca}[component]
+    return bool(flag) and not is_stepped_back(state.stepback, component)
 
 
 def plan_step(state: FlashState, cfg: Any, *, u: Optional[Tensor] = None) -> StepPlan:
     """Plan the next optimizer step (pure; ``cfg`` is a ``FlashConfig``; ``u`` overrides ALAS's draws)."""
     n = int(state.layer_sizes.numel())
     active = is_active(state.safety, warmup_steps=cfg.warmup_steps, auto_disable_on_spike=cfg.auto_disable_on_spike)
-    honest = (not active) or (not cfg.enable_alas) or is_honest_step(
+    honest = (not active) or (not component_on(state, cfg, "alas")) or is_honest_step(
         int(state.step), warmup_steps=cfg.warmup_steps, honest_check_every=cfg.honest_check_every)
     compute = should_backward(state.alas, honest=honest, seed=cfg.seed,
                               max_consecutive_skips=cfg.max_consecutive_skips, u=u)
     if n == 0:
         compute = torch.zeros(0, dtype=torch.bool)
     return StepPlan(active=active, honest=bool(compute.all()), compute=compute,
-                    weigh=active and cfg.enable_sample_weighting)
+                    weigh=active and component_on(state, cfg, "weighting"))
 
 
 def flash_update(
@@ -145,6 +163,7 @@ def flash_update(
     *,
     other_grads: Optional[Sequence[Tensor]] = None,
     weights: Optional[Tensor] = None,
+    predicted: Optional[Sequence[Optional[Sequence[Tensor]]]] = None,
 ) -> Tuple[FlashState, Tuple[Optional[Tuple[Tensor, ...]], ...], GCADecision]:
     """Fold one step's outcome in.
 
@@ -160,31 +179,49 @@ def flash_update(
             predicted gradients (zeros where there is neither) they make the
             gradient GCA follows. ``None`` skips GCA this step.
         weights: the sample weights applied this step, if any.
+        predicted: with ``cfg.predictor == "momentum"``, per layer the
+            optimizer's first moment (tensors shaped like the parameters, or
+            ``None``): the prediction of a skipped layer, and what ALAS
+            measures its fidelity against on honest steps (the only steps on
+            which this predictor measures anything).
 
     Returns:
         ``(new_state, predictions, gca_decision)``: ``predictions[l]`` is the
         gradient to use for a skipped layer ``l`` (``None`` for a computed layer,
-        or everywhere with ``cfg.predictor == "none"``).
+        or where there is no prediction: ``cfg.predictor == "none"``, or no
+        first moment yet).
     """
     n = len(layer_grads)
     skipped = [i for i in range(n) if layer_grads[i] is None]
     preds: list = [None] * n
+    momentum = cfg.predictor == "momentum"
     if skipped and cfg.predictor == "ema":
         for i, p in zip(skipped, interpolate(state.alas, skipped, trend_weight=cfg.trend_weight,
                                              noise_scale=cfg.noise_scale, seed=cfg.seed)):
             preds[i] = unflatten(p, layer_params[i])
+    elif skipped and momentum and predicted is not None:
+        for i in skipped:  # copies: the caller may clip them in place, the optimizer's own must not move
+            preds[i] = None if predicted[i] is None else tuple(t.detach().clone() for t in predicted[i])
     alas = state.alas
-    if cfg.enable_alas:  # with ALAS off nothing reads its state: it costs nothing
+    alas_on = component_on(state, cfg, "alas")
+    # the scheduled honest checks (also every ``honest_check_every`` steps of the warm-up): where the
+    # momentum predictor measures, and where every predictor's usefulness is judged
+    check = (int(state.step) - cfg.warmup_steps) % cfg.honest_check_every == 0 and bool(plan.compute.all())
+    measured = alas_on and (check or not momentum)
+    if alas_on:  # with ALAS off (or stepped back) nothing reads its state: it costs nothing
         alas = alas_update(alas, tuple(None if g is None else tuple(g) for g in layer_grads), layer_params,
                            min_activity=cfg.min_activity, activity_decay=cfg.activity_decay,
-                           interp_decay=cfg.interp_decay, trend_weight=cfg.trend_weight)
+                           interp_decay=cfg.interp_decay, trend_weight=cfg.trend_weight,
+                           min_fidelity=cfg.min_fidelity, predicted=predicted if momentum else None,
+                           measure=measured)
     safety, events = safety_update(state.safety, loss, warmup_steps=cfg.warmup_steps,
                                    loss_spike_threshold=cfg.loss_spike_threshold,
                                    auto_disable_on_spike=cfg.auto_disable_on_spike,
                                    spike_cooldown_steps=cfg.spike_cooldown_steps)
     gca = state.gca
     decision = GCADecision(False, 0, False, False)
-    if cfg.enable_gca and other_grads is not None:
+    gca_on = component_on(state, cfg, "gca") and other_grads is not None
+    if gca_on:
         completed = tuple(
             tuple(layer_grads[i]) if layer_grads[i] is not None
             else preds[i] if preds[i] is not None else tuple(torch.zeros_like(p) for p in layer_params[i])
@@ -212,5 +249,16 @@ def flash_update(
         virtual_steps=c.virtual_steps + decision.n_virtual,
         nonfinite_steps=c.nonfinite_steps + int(events.nonfinite),
     )
-    new = FlashState(state.step + 1, alas, gca, safety, weighting, counters, state.layer_sizes)
+    sb = state.stepback
+    if cfg.step_back_after and plan.active:
+        fid = alas.fidelity
+        sb = stepback_update(
+            sb, int(state.step) + 1, step_back_after=cfg.step_back_after,
+            alas_useful=bool((fid > cfg.min_fidelity).any()) if alas_on and check and bool(torch.isfinite(fid).any())
+            else None,
+            weighting_acted=bool((weights < 1).any()) if (weights is not None and plan.weigh) else None,
+            gca_window_virtual=(int(state.gca.virtual_since_ckpt)
+                                if gca_on and decision.checkpoint and bool(state.gca.has_anchor) else None),
+            gca_rollback=gca_on and decision.rollback)
+    new = FlashState(state.step + 1, alas, gca, safety, weighting, counters, state.layer_sizes, sb)
     return new, tuple(preds), decision

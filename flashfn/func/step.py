@@ -27,7 +27,7 @@ import torch
 from torch import nn
 from torch.func import grad
 
-from ..core.flash import FlashState, StepPlan, flash_init, flash_update
+from ..core.flash import FlashState, StepPlan, flash_init, flash_update, uses_history
 from ..core.gca import GCADecision
 from ..core.weighting import weigh_samples, weighted_loss
 from .layers import LayerMap, split_by_layer
@@ -46,6 +46,7 @@ __all__ = [
     "restore_snapshot",
     "virtual_steps",
     "gca_after_step",
+    "first_moments",
 ]
 
 
@@ -57,8 +58,15 @@ class StepAux(NamedTuple):
 
 
 def flash_init_for(model: nn.Module, lmap: LayerMap, params: Dict[str, Tensor], **kwargs: Any) -> FlashState:
-    """``flash_init`` for a model's parameter dict (GCA follows every parameter)."""
+    """``flash_init`` for a model's parameter dict (GCA follows every parameter).
+
+    ``cfg=`` (a ``FlashConfig``) may be given instead of ``history``/``history_dtype``/``with_gca``.
+    """
     del model
+    cfg = kwargs.pop("cfg", None)
+    if cfg is not None:
+        kwargs = {"history": uses_history(cfg), "history_dtype": cfg.history_dtype, "with_gca": cfg.enable_gca,
+                  **kwargs}
     return flash_init(split_by_layer(lmap, params), tuple(params[n] for n in lmap.others), **kwargs)
 
 
@@ -119,8 +127,12 @@ def finish_step(
     grads: Dict[str, Tensor],
     loss: Tensor,
     weights: Optional[Tensor] = None,
+    optimizer: Optional[torch.optim.Optimizer] = None,
 ) -> Tuple[FlashState, Dict[str, Tensor], GCADecision]:
     """Fold the step into the state and complete the gradient dict with ALAS's predictions.
+
+    ``optimizer`` is read (never changed) with ``cfg.predictor == "momentum"``:
+    its first moments are the predictions (see :func:`first_moments`).
 
     Returns:
         ``(new_state, grads, decision)``: ``grads`` holds every parameter that
@@ -130,13 +142,46 @@ def finish_step(
     layer_grads = tuple(None if not bool(plan.compute[i]) else tuple(grads[n] for n in names)
                         for i, names in enumerate(lmap.params))
     other_grads = tuple(grads[n] for n in lmap.others) if cfg.enable_gca else None
-    new_state, preds, decision = flash_update(state, cfg, plan, layer_grads, split_by_layer(lmap, params), loss,
-                                              other_grads=other_grads, weights=weights)
+    layer_params = split_by_layer(lmap, params)
+    predicted = first_moments(optimizer, layer_params) if cfg.predictor == "momentum" and optimizer else None
+    new_state, preds, decision = flash_update(state, cfg, plan, layer_grads, layer_params, loss,
+                                              other_grads=other_grads, weights=weights, predicted=predicted)
     full = dict(grads)
     for i, p in enumerate(preds):
         if p is not None:
             full.update(zip(lmap.params[i], p))
     return new_state, full, decision
+
+
+def first_moments(optimizer: Any, layers: Any) -> Tuple[Optional[Tuple[Tensor, ...]], ...]:
+    """Per layer, the optimizer's first moment of each of its parameters (``FlashConfig.predictor="momentum"``).
+
+    Adam-family optimizers keep it as ``exp_avg``, SGD with momentum as
+    ``momentum_buffer``. A layer is ``None`` where any of its parameters has
+    none (yet): it then gets no prediction.
+
+    Example:
+        >>> import torch
+        >>> w = torch.nn.Parameter(torch.ones(2)); opt = torch.optim.Adam([w])
+        >>> first_moments(opt, [[w]])
+        (None,)
+        >>> w.grad = torch.ones(2); opt.step()
+        >>> first_moments(opt, [[w]])[0][0].tolist()
+        [0.10000000149011612, 0.10000000149011612]
+    """
+    state = getattr(getattr(optimizer, "optimizer", optimizer), "state", {})
+    out = []
+    for layer in layers:
+        moments = []
+        for p in layer:
+            entry = state.get(p) or {}
+            m = entry.get("exp_avg", entry.get("momentum_buffer"))
+            if m is None:
+                moments = None
+                break
+            moments.append(m)
+        out.append(None if moments is None else tuple(moments))
+    return tuple(out)
 
 
 def apply_gradients(params: Dict[str, Tensor], grads: Dict[str, Tensor]) -> None:
