@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from flashfn.bench import build_parser, main
 from flashfn.bench.report import sanitise
@@ -203,6 +204,30 @@ def test_fashion_smoke_functional_loop(tmp_path: Path) -> None:
     assert runs["flash"]["flash_stats"]["total_steps"] == SMOKE_STEPS
     assert runs["flash"]["layer_names"] == [f"blocks.{i}" for i in range(3)]
     assert runs["flash"]["flash_stats"]["samples_weighted"] > 0
+
+
+def test_code_finetune_smoke_starts_from_the_pretrained_model(tmp_path: Path) -> None:
+    """The check workload: every variant starts from the same pretrained weights and is judged on held-out code."""
+    from flashfn.bench.workloads import FINETUNE_PRESETS, CodeFinetuneLM, ShakespeareLM, load_code_corpus
+
+    wl = CodeFinetuneLM(FINETUNE_PRESETS["smoke"])
+    scratch = ShakespeareLM(FINETUNE_PRESETS["smoke"])
+    torch.manual_seed(0)
+    a = wl.build_model()
+    torch.manual_seed(1)
+    b = wl.build_model()
+    torch.manual_seed(0)
+    fresh = scratch.build_model()
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+    assert not all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), fresh.state_dict().values()))
+    assert b"def " in load_code_corpus(50_000)
+    assert wl.evaluate(a) < scratch.evaluate(fresh)  # pretraining on English already helps on code
+    rc = main(["--smoke", "--workload", "code-finetune", "--variants", "plain,flash", "--steps", "20",
+               "--no-progress", "--out", str(tmp_path)])
+    assert rc == 0
+    runs = json.loads((tmp_path / "results.json").read_text())["workloads"]["code-finetune"]["runs"]
+    assert {r["variant"] for r in runs} == {"plain", "flash"}
+    assert runs[0]["curve"][0]["loss"] == runs[1]["curve"][0]["loss"]  # same start for every variant
 
 
 # --------------------------------------------------------------------------- #

@@ -140,6 +140,7 @@ class FlashModeCallback(TrainerCallback):
         self._alas_on = config.enable_alas
         self._gca_on = config.enable_gca
         self._max_grad_norm = 0.0
+        self._no_moment = False
 
     # ------------------------------------------------------------------ set-up
     def _log(self, msg: str, *args: Any, warn: bool = False) -> None:
@@ -393,7 +394,14 @@ class FlashModeCallback(TrainerCallback):
         layer_params = tuple(tuple(params[n].detach() for n in names) for names in lmap.params)
         other_grads = tuple(_grad_or_zeros(params[n]) for n in lmap.others) if self._gca_on else None
         loss, weights = self._shared_loss_and_weights()
-        predicted = first_moments(optimizer, layer_params) if self.config.predictor == "momentum" else None
+        # the optimizer keys its state by the Parameter objects themselves (not by detached views)
+        predicted = (first_moments(optimizer, tuple(tuple(params[n] for n in names) for names in lmap.params))
+                     if self.config.predictor == "momentum" else None)
+        if predicted and int(self.state.step) > 0 and all(m is None for m in predicted) and not self._no_moment:
+            self._no_moment = True
+            self._log("Flash Mode: predictor='momentum' but %s keeps no first moment (exp_avg, momentum_buffer): "
+                      "ALAS measures no fidelity and skips nothing. Use FlashConfig(predictor='ema') with this "
+                      "optimizer.", type(getattr(optimizer, "optimizer", optimizer)).__name__, warn=True)
         before = self.state.stepback
         self.state, preds, self._decision = flash_update(self.state, self._effective, plan, layer_grads,
                                                          layer_params, loss, other_grads=other_grads, weights=weights,

@@ -70,9 +70,10 @@ def _positive_float(text: str) -> float:
 
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Add the benchmark's options to ``parser`` (used by ``flashfn bench`` and ``python -m flashfn.bench``)."""
-    parser.add_argument("--workload", choices=("shakespeare", "fashion", "all"), default="all",
-                        help="which workload(s) to run (default: all; fashion is skipped with a message when "
-                             "Fashion-MNIST is not installed)")
+    parser.add_argument("--workload", choices=("shakespeare", "fashion", "code-finetune", "all"), default="all",
+                        help="which workload(s) to run (default: all = shakespeare and fashion; fashion is skipped "
+                             "with a message when Fashion-MNIST is not installed; code-finetune is the check "
+                             "workload: the Shakespeare model pretrained, then fine-tuned on Python source)")
     size = parser.add_mutually_exclusive_group()
     size.add_argument("--quick", action="store_true",
                       help="a few minutes on 2 cores: 300 steps, 1 seed, smaller evaluation")

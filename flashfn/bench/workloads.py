@@ -1,6 +1,6 @@
 """The workloads of ``flashfn bench``: data, model, training loop and FLOP count of each.
 
-Two workloads, each run once per (variant, seed) by :mod:`flashfn.bench.runner`:
+Three workloads, each run once per (variant, seed) by :mod:`flashfn.bench.runner`:
 
 - :class:`ShakespeareLM`: a small byte-level GPT-2 (``GPT2Config``, vocabulary
   256) on the embedded Shakespeare corpus, trained by the ``transformers``
@@ -10,6 +10,9 @@ Two workloads, each run once per (variant, seed) by :mod:`flashfn.bench.runner`:
   (``plan_step`` / ``masked_value_and_grad`` / ``finish_step`` /
   ``apply_gradients`` / ``gca_after_step``); with Flash Mode off the same loop
   takes ``torch.func.grad`` of the plain mean loss.
+- :class:`CodeFinetuneLM`: the check workload, of another family: the
+  Shakespeare model, pretrained, fine-tuned on Python source code (not part of
+  ``--workload all``: Flash Mode's defaults were chosen on the other two).
 
 Every run of a workload shares the seed's model initialisation, data order,
 optimizer (AdamW), learning-rate schedule (linear warm-up then cosine) and
@@ -41,6 +44,8 @@ __all__ = [
     "Workload",
     "ShakespeareLM",
     "FashionMLP",
+    "CodeFinetuneLM",
+    "load_code_corpus",
     "variant_config",
     "WORKLOADS",
 ]
@@ -255,10 +260,10 @@ class ShakespeareLM(Workload):
     # -- pieces
     def _load(self) -> Tuple[torch.Tensor, List[torch.Tensor]]:
         if self._data is None:
-            from ..data import byte_splits, held_out_batches, load_corpus
+            from ..data import byte_splits, held_out_batches
 
             s = self.settings
-            train, val = byte_splits(load_corpus())
+            train, val = byte_splits(self._corpus())
             batches = held_out_batches(val, s.seq_len, s.batch_size, s.eval_batches)
             self._data = (train, [b["input_ids"] for b in batches])
         return self._data
@@ -272,6 +277,12 @@ class ShakespeareLM(Workload):
                             n_head=s.n_head, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
                             bos_token_id=0, eos_token_id=0)
         return GPT2LMHeadModel(config)
+
+    def _corpus(self) -> bytes:
+        """The training text (held-out: its last 10%)."""
+        from ..data import load_corpus
+
+        return load_corpus()
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module) -> float:
@@ -421,6 +432,99 @@ def _make_eval_clock(*args: Any, **kwargs: Any) -> Any:
     return _eval_clock_class()(*args, **kwargs)
 
 
+# Code fine-tune: the Shakespeare GPT-2, pretrained, fine-tuned on Python source
+# --------------------------------------------------------------------------- #
+
+
+@dataclass
+class FinetuneSettings(LMSettings):
+    """The Shakespeare workload's model and run, plus the pretraining that precedes the fine-tune."""
+
+    pretrain_steps: int = 1200
+    pretrain_lr: float = 2e-3
+    corpus_bytes: int = 1_000_000
+    lr: float = 5e-4
+    lr_grid: Tuple[float, ...] = (2.5e-4, 5e-4, 1e-3, 2e-3)
+
+
+FINETUNE_PRESETS: Dict[str, FinetuneSettings] = {
+    "full": FinetuneSettings(),
+    "quick": FinetuneSettings(steps=300, eval_every=25, eval_batches=4, pretrain_steps=300),
+    "smoke": FinetuneSettings(steps=40, eval_every=10, eval_batches=2, batch_size=8, seq_len=32, n_layer=3,
+                              n_embd=32, n_head=2, pretrain_steps=20, corpus_bytes=200_000,
+                              flash_overrides={"warmup_steps": 10, "honest_check_every": 5, "log_every": 10}),
+}
+
+
+def load_code_corpus(limit: int = 1_000_000) -> bytes:
+    """Python source code: the running interpreter's own standard-library modules (top level, sorted), ``limit`` bytes.
+
+    Always present offline; its exact bytes depend on the Python version
+    (recorded with every benchmark run).
+    """
+    import pathlib
+    import sysconfig
+
+    root = pathlib.Path(sysconfig.get_paths()["stdlib"])
+    out = bytearray()
+    for path in sorted(root.glob("*.py")):
+        out += path.read_bytes()
+        if len(out) >= limit:
+            break
+    if len(out) < 10_000:
+        raise RuntimeError(f"too little Python source found in {root} for the code fine-tune workload")
+    return bytes(out[:limit])
+
+
+class CodeFinetuneLM(ShakespeareLM):
+    """Fine-tuning a pretrained model on a new domain: the check workload (Flash Mode's defaults were not tuned on it).
+
+    The byte-level GPT-2 of :class:`ShakespeareLM` is first pretrained on the
+    embedded Shakespeare corpus (plain AdamW, ``pretrain_steps``, seed 0, once
+    per process, outside every measured run), then every variant fine-tunes
+    that same checkpoint on Python source code through the ``Trainer``,
+    judged on held-out code.
+    """
+
+    name = "code-finetune"
+    _pretrained_cache: Dict[Tuple[Any, ...], Dict[str, torch.Tensor]] = {}
+
+    def _corpus(self) -> bytes:
+        return load_code_corpus(self.settings.corpus_bytes)
+
+    def _pretrained(self) -> Dict[str, torch.Tensor]:
+        from ..data import ByteLMDataset, byte_splits, load_corpus
+
+        s = self.settings
+        key = (s.n_layer, s.n_embd, s.n_head, s.seq_len, s.batch_size, s.pretrain_steps, s.pretrain_lr)
+        if key not in self._pretrained_cache:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(0)
+                model = super().build_model()
+                model.train()
+                data = ByteLMDataset(byte_splits(load_corpus())[0], seq_len=s.seq_len,
+                                     num_samples=s.pretrain_steps * s.batch_size, seed=0)
+                opt = torch.optim.AdamW(model.parameters(), lr=s.pretrain_lr, weight_decay=s.weight_decay)
+                sched = torch.optim.lr_scheduler.LambdaLR(
+                    opt, _cosine_lambda(s.lr_warmup(s.pretrain_steps), s.pretrain_steps))
+                for step in range(s.pretrain_steps):
+                    ids = torch.stack([data[step * s.batch_size + j]["input_ids"] for j in range(s.batch_size)])
+                    model(input_ids=ids, labels=ids).loss.backward()
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), s.max_grad_norm)
+                    opt.step()
+                    sched.step()
+                    opt.zero_grad(set_to_none=True)
+            self._pretrained_cache[key] = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        return self._pretrained_cache[key]
+
+    def build_model(self) -> nn.Module:
+        """The pretrained model (the same weights for every variant and seed)."""
+        model = super().build_model()
+        model.load_state_dict(self._pretrained())
+        return model
+
+
+# --------------------------------------------------------------------------- #
 # --------------------------------------------------------------------------- #
 # Fashion-MNIST: residual MLP through a custom torch.func loop
 # --------------------------------------------------------------------------- #
@@ -684,4 +788,5 @@ class FashionMLP(Workload):
 WORKLOADS: Dict[str, Tuple[type, Dict[str, Any]]] = {
     "shakespeare": (ShakespeareLM, LM_PRESETS),
     "fashion": (FashionMLP, MLP_PRESETS),
+    "code-finetune": (CodeFinetuneLM, FINETUNE_PRESETS),
 }
