@@ -92,6 +92,7 @@ class FlashConfig:
     predictor: str = "momentum"
     min_fidelity: float = 0.5
     step_back_after: int = 10
+    prune_ratio: float = 0.0
     interp_decay: float = 0.9
     trend_weight: float = 0.2
     noise_scale: float = 0.05
@@ -118,6 +119,7 @@ class FlashConfig:
         _check("seed", self.seed, int, 0, 2**63 - 1)
         _check("min_fidelity", self.min_fidelity, float, 0.0, 1.0, hi_open=True)
         _check("step_back_after", self.step_back_after, int, 0)
+        _check("prune_ratio", self.prune_ratio, float, 0.0, 1.0, hi_open=True)
         _check("interp_decay", self.interp_decay, float, 0.0, 1.0, hi_open=True)
         _check("trend_weight", self.trend_weight, float, 0.0, 1.0)
         _check("noise_scale", self.noise_scale, float, 0.0, 1.0)

@@ -516,3 +516,25 @@ def test_model_without_blocks_falls_back_and_trains(tmp_path, gca) -> None:
     assert all(math.isfinite(x) for x in losses) and losses[-1] < losses[0]
     if not gca:  # nothing is left to act: exactly plain training
         assert_params_equal(params_of(model), params_of(plain))
+
+
+def test_momentum_predictor_without_a_first_moment_says_so_and_skips_nothing(tmp_path) -> None:
+    """Plain SGD keeps no first moment: the default predictor has nothing to read, logs it once and never skips."""
+    cb = FlashModeCallback(FlashConfig(warmup_steps=2, honest_check_every=2, min_fidelity=0.0, step_back_after=0,
+                                       enable_sample_weighting=False, enable_gca=False, **QUIET))
+    run(tmp_path, 12, [cb], optim="sgd", learning_rate=0.05)
+    warnings = [e for e in cb.events if "keeps no first moment" in e]
+    assert len(warnings) == 1 and "SGD" in warnings[0]
+    stats = cb.get_stats()
+    assert stats["alas_savings"] == 0.0 and stats["alas_mean_fidelity"] is None
+
+
+def test_momentum_predictor_measures_adam_first_moment(tmp_path) -> None:
+    """With AdamW the default predictor measures fidelity at the honest checks and keeps no gradient history."""
+    cb = FlashModeCallback(FlashConfig(warmup_steps=2, honest_check_every=2, step_back_after=0,
+                                       enable_sample_weighting=False, enable_gca=False, **QUIET))
+    run(tmp_path, 12, [cb], optim="adamw_torch", learning_rate=3e-3)
+    stats = cb.get_stats()
+    assert not any("keeps no first moment" in e for e in cb.events)
+    assert stats["alas_mean_fidelity"] is not None and -1.0 <= stats["alas_mean_fidelity"] <= 1.0
+    assert stats["alas_history_bytes"] == 0

@@ -53,6 +53,7 @@ NUMERIC = {
     "seed": (int, [0, 1, 2**63 - 1], [-1, 2**64]),
     "min_fidelity": (float, [0.0, 0.5, 0.99], [1.0, -0.1, 1.5]),
     "step_back_after": (int, [0, 10], [-1]),
+    "prune_ratio": (float, [0.0, 0.5, 0.9], [1.0, -0.1]),
     "interp_decay": (float, [0.0, 0.9], [1.0, -0.1, 1.5]),
     "trend_weight": (float, [0.0, 0.2, 1.0], [-0.1, 1.5]),
     "noise_scale": (float, [0.0, 0.05], [-0.01]),
@@ -154,7 +155,7 @@ def test_out_of_range_floats_are_rejected(data) -> None:
     ranges = {"min_activity": (0.0, 1.0), "activity_decay": (0.0, 1.0), "min_sample_weight": (0.0, 1.0),
               "coherence_threshold": (-1.0, 1.0), "interp_decay": (0.0, 1.0), "trend_weight": (0.0, 1.0),
               "gca_smoothing": (0.0, 1.0), "noise_scale": (0.0, 1.0), "min_fidelity": (0.0, 1.0),
-              "low_loss_threshold": (0.0, None),
+              "low_loss_threshold": (0.0, None), "prune_ratio": (0.0, 1.0),
               "loss_spike_threshold": (1.0, None)}
     name = data.draw(st.sampled_from(sorted(ranges)))
     lo, hi = ranges[name]
@@ -221,6 +222,7 @@ VALID = {
     "seed": st.integers(0, 2**63 - 1),
     "min_fidelity": st.floats(0.0, 1.0, exclude_max=True),
     "step_back_after": st.integers(0, 10**4),
+    "prune_ratio": st.floats(0.0, 1.0, exclude_max=True),
     "interp_decay": st.floats(0.0, 1.0, exclude_max=True),
     "trend_weight": st.floats(0.0, 1.0),
     "noise_scale": st.floats(0.0, 1.0),

@@ -35,6 +35,7 @@ from flashfn.core.alas import (
     state_nbytes,
 )
 from flashfn.core.gca import gca_init, gca_reset, gca_update
+from flashfn.core.pruning import memory_init, memory_update, prune_samples
 from flashfn.core.safety import is_active, is_honest_step, safety_init, safety_update
 from flashfn.core.stepback import is_stepped_back, step_back_messages, stepback_init, stepback_update
 from flashfn.core.weighting import weigh_samples, weighted_loss, weighting_init, weighting_update
@@ -385,6 +386,10 @@ def _calls() -> dict:
         "component_on": (flash.component_on, (flash_s, FLASH_CFG, "gca"), {}),
         "uses_history": (flash.uses_history, (FLASH_CFG,), {}),
         "history_dtype_of": (flash.history_dtype_of, ("bfloat16",), {}),
+        "memory_init": (memory_init, (5,), {}),
+        "memory_update": (memory_update, (memory_init(5), torch.tensor([1, 3]), torch.tensor([0.2, 2.0])), {}),
+        "prune_samples": (prune_samples, (memory_update(memory_init(5), torch.arange(5), torch.arange(5.0)),
+                                          torch.arange(5)), dict(prune_ratio=0.5, seed=2, step=3)),
         "stepback_init": (stepback_init, (), {}),
         "stepback_update": (stepback_update, (stepback_init(), 3), dict(step_back_after=1, weighting_acted=False,
                                                                        gca_window_virtual=2)),

@@ -193,6 +193,10 @@ class FlashModeCallback(TrainerCallback):
                       "(plain training).", max_steps, cfg.warmup_steps, warn=True)
         self._kind = head_kind(model)
         self._weighting_on = cfg.enable_sample_weighting
+        if cfg.prune_ratio > 0:
+            self._log("Flash Mode: prune_ratio=%s is not used with the Trainer: pruning needs the identity of each "
+                      "sample, which the callback does not see (a torch.func loop can prune, see "
+                      "flashfn.core.pruning).", cfg.prune_ratio, warn=True)
         if self._weighting_on and self._kind is None:
             self._log("Flash Mode: sample weighting is off: the loss of %s cannot be split per sample "
                       "(supported: causal LM, masked LM, sequence and token classification).",

@@ -146,8 +146,10 @@ def _first_reach(curve: List[Dict[str, float]], target: float) -> Optional[Dict[
     return None
 
 
-def _flops_until(patterns: Sequence[Tuple[int, ...]], n_steps: int, flops_of: Callable[[Tuple[int, ...]], int]) -> int:
-    return int(sum(flops_of(tuple(p)) for p in patterns[:n_steps]))
+def _flops_until(r: RunResult, n_steps: int, flops_of: Callable[[Tuple[int, ...]], int]) -> int:
+    """FLOPs of the first ``n_steps`` steps of ``r`` (a pruned step counts its share of the batch)."""
+    fractions = r.batch_fraction or [1.0] * len(r.patterns)
+    return int(sum(flops_of(tuple(p)) * f for p, f in zip(r.patterns[:n_steps], fractions[:n_steps])))
 
 
 def analyse_seed(runs: Dict[str, RunResult], flops_of: Callable[[Tuple[int, ...]], int]) -> Dict[str, Dict[str, Any]]:
@@ -164,8 +166,8 @@ def analyse_seed(runs: Dict[str, RunResult], flops_of: Callable[[Tuple[int, ...]
     target = min(p["loss"] for p in plain.curve[1:] or plain.curve)
     plain_hit = _first_reach(plain.curve, target)
     assert plain_hit is not None
-    plain_flops = _flops_until(plain.patterns, int(plain_hit["step"]), flops_of)
-    plain_flops_run = _flops_until(plain.patterns, len(plain.patterns), flops_of)
+    plain_flops = _flops_until(plain, int(plain_hit["step"]), flops_of)
+    plain_flops_run = _flops_until(plain, len(plain.patterns), flops_of)
     out = {}
     for variant, r in runs.items():
         losses = [p["loss"] for p in r.curve[1:] or r.curve]
@@ -190,7 +192,7 @@ def analyse_seed(runs: Dict[str, RunResult], flops_of: Callable[[Tuple[int, ...]
             "flop_ratio": None,
             "train_time_s": r.train_time,
             "step_time_ms": 1000.0 * r.train_time / max(1, r.steps),
-            "flops_run": _flops_until(r.patterns, len(r.patterns), flops_of),
+            "flops_run": _flops_until(r, len(r.patterns), flops_of),
             "skipped_layer_share": None,
             "effective_speedup": None,
             "speedup_gap": None,
@@ -204,7 +206,7 @@ def analyse_seed(runs: Dict[str, RunResult], flops_of: Callable[[Tuple[int, ...]
             fig["time_to_target_s"] = float(hit["time"])
             if hit["time"] > 0 and plain_hit["time"] > 0:
                 fig["speedup"] = float(plain_hit["time"]) / float(hit["time"])
-            fig["flops_to_target"] = _flops_until(r.patterns, steps, flops_of)
+            fig["flops_to_target"] = _flops_until(r, steps, flops_of)
             fig["flop_ratio"] = fig["flops_to_target"] / plain_flops if plain_flops else None
         if r.flash_stats is not None:
             eff = r.flash_stats.get("effective_speedup")
@@ -322,7 +324,7 @@ def _run_dict(r: RunResult, order: int, figures: Dict[str, Any]) -> Dict[str, An
         "seed": r.seed, "variant": r.variant, "order": order, "lr": r.lr, "steps": r.steps,
         "figures": figures, "curve": r.curve, "activity": r.activity, "layer_names": r.layer_names,
         "skipped": [list(p) for p in r.patterns], "flash_config": r.flash_config, "flash_stats": r.flash_stats,
-        "box": r.box, "events": r.events, "wall_time_s": r.wall_time,
+        "box": r.box, "events": r.events, "wall_time_s": r.wall_time, "batch_fraction": r.batch_fraction,
     }
 
 

@@ -102,6 +102,8 @@ class RunResult:
         flash_stats: Flash Mode's own figures (``FlashStats``) at the end, or ``None``.
         box: Flash Mode's statistics box, or ``None``.
         events: Flash Mode's logged events (spikes, rollbacks, warnings).
+        batch_fraction: per optimizer step, the share of the batch trained on
+            (below 1 where samples were pruned; empty: always the whole batch).
     """
 
     workload: str
@@ -118,6 +120,7 @@ class RunResult:
     box: Optional[str] = None
     events: List[str] = field(default_factory=list)
     wall_time: float = 0.0
+    batch_fraction: List[float] = field(default_factory=list)
 
     @property
     def train_time(self) -> float:
@@ -662,6 +665,7 @@ class FashionMLP(Workload):
 
         from ..adapters.stats import FlashStats, StepTimer
         from ..core.flash import plan_step
+        from ..core.pruning import memory_init, memory_update, prune_samples
         from ..core.stepback import step_back_messages
         from ..func import (
             BlockSkipper,
@@ -688,12 +692,16 @@ class FashionMLP(Workload):
         result = RunResult(self.name, variant, seed, float(lr), steps)
         result.flash_config = cfg.to_dict() if cfg is not None else None
 
-        lmap = skipper = state = timer = snapshot = None
+        lmap = skipper = state = timer = snapshot = memory = None
+        # InfoBatch-style pruning (FlashConfig.prune_ratio > 0): off for the last 12.5% of the steps (annealing)
+        prune_until = int(0.875 * steps)
         if cfg is not None:
             lmap = find_layers(model, cfg.layers)
             result.layer_names = list(lmap.names)
             skipper = BlockSkipper(model, lmap, cfg.alas_mechanism) if cfg.enable_alas else None
             state = flash_init_for(model, lmap, params, cfg=cfg)
+            if cfg.prune_ratio > 0:
+                memory = memory_init(d["xtr"].shape[0])
             timer = StepTimer()
 
         def mean_loss(p: Dict[str, torch.Tensor], batch: Any) -> torch.Tensor:
@@ -720,16 +728,28 @@ class FashionMLP(Workload):
                 clock.start()
                 t0 = time.perf_counter()
                 idx = order[(step - 1) * s.batch_size: step * s.batch_size]
-                batch = (d["xtr"][idx], d["ytr"][idx])
                 decision = None
                 if cfg is None:
+                    batch = (d["xtr"][idx], d["ytr"][idx])
                     grads = plain_grad({k: v.detach() for k, v in params.items()}, batch)
                     pattern: Tuple[int, ...] = ()
                 else:
                     plan = plan_step(state, cfg)
+                    sample_w = None
+                    if memory is not None and plan.active and step <= prune_until:
+                        keep, sample_w, memory = prune_samples(memory, idx, prune_ratio=cfg.prune_ratio,
+                                                               seed=cfg.seed, step=step)
+                        idx = idx[keep]
+                        result.batch_fraction.append(idx.numel() / s.batch_size)
+                    elif memory is not None:
+                        result.batch_fraction.append(1.0)
+                    batch = (d["xtr"][idx], d["ytr"][idx])
                     grads, loss, aux = masked_value_and_grad(
                         per_sample_loss, params, buffers, batch, lmap=lmap, plan=plan, skipper=skipper,
-                        min_sample_weight=cfg.min_sample_weight, low_loss_threshold=cfg.low_loss_threshold)
+                        min_sample_weight=cfg.min_sample_weight, low_loss_threshold=cfg.low_loss_threshold,
+                        sample_weights=sample_w, normaliser=None if memory is None else float(s.batch_size))
+                    if memory is not None:
+                        memory = memory_update(memory, idx, aux.losses)
                     before = state.stepback
                     state, grads, decision = finish_step(state, cfg, plan, lmap, params, grads, loss, aux.weights,
                                                          optimizer=opt)
@@ -757,6 +777,9 @@ class FashionMLP(Workload):
         if cfg is not None:
             stats = FlashStats.compute(state, timer, sum(p.numel() for p in params.values()))
             result.flash_stats = dict(stats)
+            if memory is not None:
+                result.flash_stats["samples_pruned"] = int(memory.pruned)
+                result.flash_stats["samples_kept_when_pruning"] = int(memory.kept)
             result.box = stats.box()
         return result
 

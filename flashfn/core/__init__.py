@@ -13,6 +13,7 @@ from .alas import (
     unflatten,
 )
 from .gca import GCADecision, GCAState, gca_init, gca_reset, gca_update
+from .pruning import LossMemory, memory_init, memory_update, prune_samples
 from .safety import SafetyEvents, SafetyState, is_active, is_honest_step, safety_init, safety_update
 from .stepback import StepBackState, is_stepped_back, step_back_messages, stepback_init, stepback_update
 from .weighting import WeightingState, weigh_samples, weighted_loss, weighting_init, weighting_update
@@ -22,6 +23,7 @@ __all__ = [
     "state_nbytes", "flatten", "unflatten",
     "GCADecision", "GCAState", "gca_init", "gca_reset", "gca_update",
     "SafetyEvents", "SafetyState", "is_active", "is_honest_step", "safety_init", "safety_update",
+    "LossMemory", "memory_init", "memory_update", "prune_samples",
     "StepBackState", "is_stepped_back", "step_back_messages", "stepback_init", "stepback_update",
     "WeightingState", "weigh_samples", "weighted_loss", "weighting_init", "weighting_update",
 ]

@@ -231,9 +231,9 @@ def flash_update(
                                    max_virtual_steps=cfg.max_virtual_steps, checkpoint_every=cfg.gca_checkpoint_every,
                                    smoothing=cfg.gca_smoothing, rollback_threshold=cfg.loss_spike_threshold,
                                    allow_virtual=plan.active and not events.spike)
-    if events.spike:
-        alas = reset_activity(alas)
-        gca = gca_reset(gca)
+    if events.spike:  # a component that stepped back keeps its state as it was
+        alas = reset_activity(alas) if alas_on else alas
+        gca = gca_reset(gca) if gca_on else gca
     weighting = weighting_update(state.weighting, weights) if (weights is not None and plan.weigh) else state.weighting
     sizes = state.layer_sizes.double()
     mask = torch.tensor([g is None for g in layer_grads], dtype=torch.bool)

@@ -81,6 +81,8 @@ def masked_value_and_grad(
     skipper: Optional[BlockSkipper] = None,
     min_sample_weight: float = 0.3,
     low_loss_threshold: float = 0.5,
+    sample_weights: Optional[Tensor] = None,
+    normaliser: Optional[float] = None,
 ) -> Tuple[Dict[str, Tensor], Tensor, StepAux]:
     """Loss and gradients of the parameters outside every layer and of the layers ``plan`` computes.
 
@@ -89,7 +91,10 @@ def masked_value_and_grad(
     also run without autograd, so their whole backward is skipped. When
     ``plan.weigh`` the loss is :func:`~flashfn.core.weighting.weighted_loss`
     with :func:`~flashfn.core.weighting.weigh_samples` weights; otherwise it is
-    the plain mean of the per-sample losses.
+    the plain mean of the per-sample losses. ``sample_weights`` (e.g. from
+    :func:`~flashfn.core.pruning.prune_samples`) multiply the per-sample losses
+    too, and ``normaliser`` replaces the batch size as the divisor (the
+    original batch size when samples were pruned, so the loss stays unbiased).
 
     Returns:
         ``(grads, loss, aux)``: gradients of the differentiated parameters
@@ -104,7 +109,11 @@ def masked_value_and_grad(
         losses = per_sample_loss({**const, **d}, buffers, batch)
         if plan.weigh:
             w = weigh_samples(losses, min_weight=min_sample_weight, low_loss_threshold=low_loss_threshold)
-            return weighted_loss(losses, w), (losses.detach(), w)
+            scale = w if sample_weights is None else w * sample_weights
+            return weighted_loss(losses, scale, normaliser), (losses.detach(), w)
+        if sample_weights is not None or normaliser is not None:
+            scale = losses.new_ones(losses.shape) if sample_weights is None else sample_weights
+            return weighted_loss(losses, scale, normaliser), (losses.detach(), losses.new_ones(()))
         return losses.mean(), (losses.detach(), losses.new_ones(()))
 
     if skipper is not None:
