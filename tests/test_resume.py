@@ -65,3 +65,14 @@ def test_corrupt_state_is_refused(tmp_path) -> None:
     (ckpt / STATE_FILE).write_bytes(b"not a torch file")
     with pytest.raises(RuntimeError, match="unreadable"):
         _train(tmp_path / "run", resume=str(ckpt), max_steps=K + 4)
+
+
+def test_state_of_another_format_is_refused_naming_it(tmp_path) -> None:
+    """A state saved by another flashfn version (another format) is never reused, and the error says why."""
+    _train(tmp_path / "run", max_steps=K)
+    ckpt = tmp_path / "run" / f"checkpoint-{K}"
+    payload = torch.load(ckpt / STATE_FILE, weights_only=True)
+    payload["format"] = 1
+    torch.save(payload, ckpt / STATE_FILE)
+    with pytest.raises(RuntimeError, match="found format 1"):
+        _train(tmp_path / "run", resume=str(ckpt), max_steps=K + 4)

@@ -57,7 +57,7 @@ except ImportError:  # pragma: no cover - exercised only without the extra
 logger = logging.getLogger("flashfn")
 
 STATE_FILE = "flash_mode_state.pt"
-STATE_FORMAT = 1
+STATE_FORMAT = 2  # 2: the state carries which components stepped back
 
 __all__ = ["FlashModeCallback"]
 
@@ -247,7 +247,10 @@ class FlashModeCallback(TrainerCallback):
             raise RuntimeError(f"Flash Mode: the state in {path} is unreadable ({err}); delete it to start Flash "
                                "Mode afresh, or resume from another checkpoint") from err
         if not isinstance(payload, dict) or payload.get("format") != STATE_FORMAT:
-            raise RuntimeError(f"Flash Mode: {path} is not a Flash Mode state of format {STATE_FORMAT}")
+            found = payload.get("format") if isinstance(payload, dict) else None
+            raise RuntimeError(f"Flash Mode: {path} is not a Flash Mode state of format {STATE_FORMAT} (found format "
+                               f"{found!r}, e.g. saved by another flashfn version); delete it to start Flash Mode "
+                               "afresh, or resume with the flashfn version that saved it")
         mine = self._identity()
         for key in ("config", "layers", "effective"):
             if payload.get(key) != mine[key]:
