@@ -391,7 +391,7 @@ def _calls() -> dict:
         "prune_samples": (prune_samples, (memory_update(memory_init(5), torch.arange(5), torch.arange(5.0)),
                                           torch.arange(5)), dict(prune_ratio=0.5, seed=2, step=3)),
         "stepback_init": (stepback_init, (), {}),
-        "stepback_update": (stepback_update, (stepback_init(), 3), dict(step_back_after=1, weighting_acted=False,
+        "stepback_update": (stepback_update, (stepback_init(), 3), dict(step_back_after=1, weighting_saved_work=False,
                                                                        gca_window_virtual=2)),
         "is_stepped_back": (is_stepped_back, (stepback_init(), "alas"), {}),
         "step_back_messages": (step_back_messages, (stepback_init(), flash_s.stepback, FLASH_CFG), {}),

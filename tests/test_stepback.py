@@ -47,10 +47,10 @@ Tensor = torch.Tensor
 # --------------------------------------------------------------------------- #
 
 #: the evidence that says "this component did not help", per component
-USELESS = {"alas": dict(alas_useful=False), "weighting": dict(weighting_acted=False),
+USELESS = {"alas": dict(alas_useful=False), "weighting": dict(weighting_saved_work=False),
            "gca": dict(gca_window_virtual=0)}
 #: and the evidence that says it did
-USEFUL = {"alas": dict(alas_useful=True), "weighting": dict(weighting_acted=True),
+USEFUL = {"alas": dict(alas_useful=True), "weighting": dict(weighting_saved_work=True),
           "gca": dict(gca_window_virtual=2)}
 
 
@@ -131,7 +131,7 @@ def test_step_back_after_zero_never_steps_back() -> None:
     s0 = stepback_init()
     s = s0
     for t in range(50):
-        s = stepback_update(s, t, step_back_after=0, alas_useful=False, weighting_acted=False,
+        s = stepback_update(s, t, step_back_after=0, alas_useful=False, weighting_saved_work=False,
                             gca_window_virtual=0, gca_rollback=True)
     assert s.off.tolist() == [False, False, False]
     assert s.at.tolist() == [-1, -1, -1]
@@ -141,16 +141,16 @@ def test_step_back_after_zero_never_steps_back() -> None:
 def test_none_evidence_changes_nothing() -> None:
     k = 3
     s = stepback_init()
-    s = stepback_update(s, 0, step_back_after=k, alas_useful=False, weighting_acted=False, gca_window_virtual=0)
+    s = stepback_update(s, 0, step_back_after=k, alas_useful=False, weighting_saved_work=False, gca_window_virtual=0)
     assert s.idle.tolist() == [1, 1, 1]
     before = s
     for t in range(1, 30):  # no measurement at all: neither counts as useless nor resets the count
         s = stepback_update(s, t, step_back_after=k)
         for a, b in zip(before, s):
             assert torch.equal(a, b), t
-    s = stepback_update(s, 30, step_back_after=k, alas_useful=False, weighting_acted=False, gca_window_virtual=0)
+    s = stepback_update(s, 30, step_back_after=k, alas_useful=False, weighting_saved_work=False, gca_window_virtual=0)
     assert s.idle.tolist() == [2, 2, 2] and not bool(s.off.any())
-    s = stepback_update(s, 31, step_back_after=k, alas_useful=False, weighting_acted=False, gca_window_virtual=0)
+    s = stepback_update(s, 31, step_back_after=k, alas_useful=False, weighting_saved_work=False, gca_window_virtual=0)
     assert s.off.tolist() == [True, True, True] and s.at.tolist() == [31, 31, 31]
 
 
@@ -347,8 +347,20 @@ def test_weighting_steps_back_when_every_weight_is_one() -> None:
     assert FlashStats.compute(s, None, _total_params())["stepped_back"]["weighting"] == WARMUP + AFTER
 
 
-def test_weighting_that_acts_does_not_step_back() -> None:
+def test_weighting_that_acts_steps_back_too_it_saves_no_work() -> None:
+    """Re-weighting never saves work: even when it changes weights it steps back after step_back_after steps."""
     cfg = _cfg(enable_alas=False, enable_sample_weighting=True)
+    s = _init(cfg)
+    weights = torch.tensor([1.0, 1.0, 0.5, 1.0])
+    for t in range(WARMUP + 4 * AFTER):
+        plan, s, _ = _step(s, cfg, _random_grads(t), weights=weights)
+        assert plan.weigh == (WARMUP <= t < WARMUP + AFTER), t
+    assert int(s.stepback.at[_index("weighting")]) == WARMUP + AFTER
+    assert int(s.weighting.count) == AFTER * 4 and int(s.weighting.low_count) == AFTER
+
+
+def test_weighting_stays_on_with_step_back_after_zero() -> None:
+    cfg = _cfg(enable_alas=False, enable_sample_weighting=True, step_back_after=0)
     s = _init(cfg)
     weights = torch.tensor([1.0, 1.0, 0.5, 1.0])
     for t in range(WARMUP + 4 * AFTER):

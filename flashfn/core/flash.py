@@ -256,7 +256,7 @@ def flash_update(
             sb, int(state.step) + 1, step_back_after=cfg.step_back_after,
             alas_useful=bool((fid > cfg.min_fidelity).any()) if alas_on and check and bool(torch.isfinite(fid).any())
             else None,
-            weighting_acted=bool((weights < 1).any()) if (weights is not None and plan.weigh) else None,
+            weighting_saved_work=False if (weights is not None and plan.weigh) else None,  # re-weighting never does
             gca_window_virtual=(int(state.gca.virtual_since_ckpt)
                                 if gca_on and decision.checkpoint and bool(state.gca.has_anchor) else None),
             gca_rollback=gca_on and decision.rollback)

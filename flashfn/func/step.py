@@ -98,7 +98,9 @@ def masked_value_and_grad(
 
     Returns:
         ``(grads, loss, aux)``: gradients of the differentiated parameters
-        only, the plain (unweighted) mean loss, and a :class:`StepAux`.
+        only, the plain (unweighted by ``plan.weigh``) mean loss (with
+        ``sample_weights``/``normaliser``: their estimate of the whole batch's
+        mean loss), and a :class:`StepAux`.
     """
     skipped = set(plan.skipped)
     frozen_names = {n for i in skipped for n in lmap.params[i]}
@@ -124,7 +126,12 @@ def masked_value_and_grad(
         if skipper is not None:
             skipper.clear()
     losses, w = aux
-    return grads, losses.mean(), StepAux(losses, w if plan.weigh else None)
+    if sample_weights is None and normaliser is None:
+        plain = losses.mean()
+    else:  # the unbiased estimate of the whole batch's mean loss (pruned samples are not in ``losses``)
+        plain = weighted_loss(losses, losses.new_ones(losses.shape) if sample_weights is None else sample_weights,
+                              normaliser)
+    return grads, plain, StepAux(losses, w if plan.weigh else None)
 
 
 def finish_step(
