@@ -39,7 +39,7 @@ import torch
 from torch import nn
 
 from ..config import FlashConfig
-from ..core.flash import FlashState, StepPlan, flash_init, flash_update, plan_step, uses_history
+from ..core.flash import FlashState, StepPlan, component_on, flash_init, flash_update, plan_step, uses_history
 from ..core.gca import GCADecision
 from ..core.stepback import step_back_messages
 from ..core.weighting import weigh_samples
@@ -403,7 +403,8 @@ class FlashModeCallback(TrainerCallback):
         loss, weights = self._shared_loss_and_weights()
         # the optimizer keys its state by the Parameter objects themselves (not by detached views)
         predicted = (first_moments(optimizer, tuple(tuple(params[n] for n in names) for names in lmap.params))
-                     if self.config.predictor == "momentum" else None)
+                     if self.config.predictor == "momentum" and component_on(self.state, self._effective, "alas")
+                     else None)
         if predicted and int(self.state.step) > 0 and all(m is None for m in predicted) and not self._no_moment:
             self._no_moment = True
             self._log("Flash Mode: predictor='momentum' but %s keeps no first moment (exp_avg, momentum_buffer): "

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 from torch.func import grad
 
-from ..core.flash import FlashState, StepPlan, flash_init, flash_update, uses_history
+from ..core.flash import FlashState, StepPlan, component_on, flash_init, flash_update, uses_history
 from ..core.gca import GCADecision
 from ..core.weighting import weigh_samples, weighted_loss
 from .layers import LayerMap, split_by_layer
@@ -159,7 +159,8 @@ def finish_step(
                         for i, names in enumerate(lmap.params))
     other_grads = tuple(grads[n] for n in lmap.others) if cfg.enable_gca else None
     layer_params = split_by_layer(lmap, params)
-    predicted = first_moments(optimizer, layer_params) if cfg.predictor == "momentum" and optimizer else None
+    reads_moments = cfg.predictor == "momentum" and optimizer is not None and component_on(state, cfg, "alas")
+    predicted = first_moments(optimizer, layer_params) if reads_moments else None
     new_state, preds, decision = flash_update(state, cfg, plan, layer_grads, layer_params, loss,
                                               other_grads=other_grads, weights=weights, predicted=predicted)
     full = dict(grads)
