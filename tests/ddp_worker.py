@@ -24,6 +24,8 @@ from flashfn import FlashConfig, FlashModeCallback
 
 STEPS = 60
 ACCUM = 2
+DEFAULTS_STEPS = 24
+DEFAULTS_CFG = FlashConfig(warmup_steps=4, honest_check_every=2, step_back_after=3, verbose=False)
 CFG = FlashConfig(warmup_steps=4, honest_check_every=6, activity_decay=0.5, coherence_threshold=-1.0,
                   max_virtual_steps=1, gca_checkpoint_every=3, low_loss_threshold=10.0, verbose=False,
                   predictor="ema", min_fidelity=0.0, step_back_after=0)  # every component acts, whatever it measures
@@ -78,6 +80,17 @@ def main(out_dir: str) -> None:
         "weighting": {k: float(v) for k, v in s.weighting._asdict().items()},
         "spikes": int(s.safety.spikes),
         "rollbacks": [e for e in flash.events if "rollback" in e],
+    }
+    # the defaults (momentum predictor, stepping back), shortened: every process steps back on the same steps
+    defaults = FlashModeCallback(DEFAULTS_CFG, verbose=False)
+    model2 = tiny_gpt2()
+    make_trainer(model2, os.path.join(out_dir, "defaults"), DEFAULTS_STEPS, [defaults], dataset=data,
+                 gradient_accumulation_steps=ACCUM, ddp_backend="gloo", max_grad_norm=1.0, learning_rate=1e-3).train()
+    result["defaults"] = {
+        "params": digest(p for _, p in sorted(model2.named_parameters())),
+        "flash_state": digest(optree.tree_leaves(defaults.state)),
+        "stepped_back": defaults.get_stats()["stepped_back"],
+        "events": [e for e in defaults.events if "steps back" in e],
     }
     # the same run with DDP built without find_unused_parameters is refused before the first step
     refused = FlashModeCallback(CFG, verbose=False)

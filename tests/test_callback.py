@@ -538,3 +538,20 @@ def test_momentum_predictor_measures_adam_first_moment(tmp_path) -> None:
     assert not any("keeps no first moment" in e for e in cb.events)
     assert stats["alas_mean_fidelity"] is not None and -1.0 <= stats["alas_mean_fidelity"] <= 1.0
     assert stats["alas_history_bytes"] == 0
+
+
+def test_gca_stepping_back_drops_its_rollback_copy(tmp_path) -> None:
+    """Once GCA steps back it keeps (and would save) no copy of the parameters and optimizer state."""
+    cb = FlashModeCallback(FlashConfig(warmup_steps=4, step_back_after=2, gca_checkpoint_every=3,
+                                       coherence_threshold=1.0, enable_alas=False, enable_sample_weighting=False,
+                                       **QUIET))
+    seen = []
+
+    class Probe(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            seen.append(cb._snapshot is not None)
+
+    run(tmp_path, 30, [cb, Probe()])
+    at = cb.get_stats()["stepped_back"]["gca"]
+    assert at is not None and at < 30
+    assert any(seen[:at]) and not any(seen[at:])  # it had one while it was on, none after

@@ -108,3 +108,13 @@ def test_deepspeed_and_fsdp_are_refused_at_the_start_of_training(setup) -> None:
     with pytest.raises(RuntimeError, match="DeepSpeed or FSDP"):
         cb.on_train_begin(args, SimpleNamespace(global_step=0), None, model=model)
     assert cb.state is None and "forward" not in vars(model)  # nothing installed, nothing started
+
+
+def test_with_the_defaults_every_process_steps_back_on_the_same_step(ddp_run) -> None:
+    """Default predictor and step-back rules under DDP: the same steps back, the same state, the same parameters."""
+    d0, d1 = ddp_run[0]["defaults"], ddp_run[1]["defaults"]
+    assert d0["stepped_back"] == d1["stepped_back"]
+    assert any(at is not None for at in d0["stepped_back"].values())  # something did step back in this run
+    assert d0["events"] == d1["events"] and d0["events"]
+    assert d0["flash_state"] == d1["flash_state"]
+    assert d0["params"] == d1["params"]

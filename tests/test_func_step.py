@@ -56,7 +56,7 @@ class Loop:
         self.params = dict(self.model.named_parameters())
         self.buffers = dict(self.model.named_buffers())
         self.psl = lm_per_sample_loss(self.model)
-        self.state = flash_init_for(self.model, self.lmap, self.params)
+        self.state = flash_init_for(self.model, self.lmap, self.params, cfg=cfg)
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=1e-2)
         self.snap = None
         self.t = 0
@@ -82,7 +82,7 @@ class Loop:
                                                  min_sample_weight=self.cfg.min_sample_weight,
                                                  low_loss_threshold=self.cfg.low_loss_threshold)
         self.state, full, decision = finish_step(self.state, self.cfg, plan, self.lmap, self.params, grads, loss,
-                                                 aux.weights)
+                                                 aux.weights, optimizer=self.opt)
         apply_gradients(self.params, full)
         self.opt.step()
         self.opt.zero_grad()
@@ -477,3 +477,14 @@ def test_virtual_steps_leave_the_scheduler_alone() -> None:
     gca_after_step(GCADecision(True, 1, False, False), params, opt, None)
     assert sched.last_epoch == epoch
     assert int(next(iter(opt.state.values()))["step"]) == 5
+
+
+def test_momentum_predictor_without_an_optimizer_is_refused() -> None:
+    """The default predictor reads the optimizer's first moment: finish_step without one says what to pass."""
+    loop = Loop(_cfg(predictor="momentum"))
+    ids = loop.batch()
+    plan = loop.plan()
+    grads, loss, aux = masked_value_and_grad(loop.psl, loop.params, loop.buffers, ids, lmap=loop.lmap, plan=plan,
+                                             skipper=loop.skipper)
+    with pytest.raises(ValueError, match="optimizer="):
+        finish_step(loop.state, loop.cfg, plan, loop.lmap, loop.params, grads, loss, aux.weights)

@@ -263,7 +263,8 @@ def _total_params() -> int:
 
 
 def _tree_equal(a, b) -> bool:
-    return all(torch.equal(x, y) for x, y in zip(optree.tree_leaves(a), optree.tree_leaves(b)))
+    la, lb = optree.tree_leaves(a), optree.tree_leaves(b)
+    return len(la) == len(lb) and all(torch.equal(x, y) for x, y in zip(la, lb))
 
 
 @pytest.mark.parametrize("predictor", ["ema", "momentum"])
@@ -334,7 +335,7 @@ def test_alas_stepped_back_after_it_had_learned_to_skip_never_skips_again(predic
     assert int(s.stepback.at[_index("alas")]) == expected_at
 
 
-def test_weighting_steps_back_when_every_weight_is_one() -> None:
+def test_weighting_steps_back_when_every_weight_is_one_too() -> None:
     cfg = _cfg(enable_alas=False, enable_sample_weighting=True)
     s = _init(cfg)
     for t in range(WARMUP + AFTER + 10):

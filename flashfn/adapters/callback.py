@@ -399,7 +399,8 @@ class FlashModeCallback(TrainerCallback):
             tuple(_grad_or_zeros(params[n]) for n in names) if bool(plan.compute[i]) else None
             for i, names in enumerate(lmap.params))
         layer_params = tuple(tuple(params[n].detach() for n in names) for names in lmap.params)
-        other_grads = tuple(_grad_or_zeros(params[n]) for n in lmap.others) if self._gca_on else None
+        gca_on = self._gca_on and component_on(self.state, self._effective, "gca")
+        other_grads = tuple(_grad_or_zeros(params[n]) for n in lmap.others) if gca_on else None
         loss, weights = self._shared_loss_and_weights()
         # the optimizer keys its state by the Parameter objects themselves (not by detached views)
         predicted = (first_moments(optimizer, tuple(tuple(params[n] for n in names) for names in lmap.params))
@@ -458,11 +459,14 @@ class FlashModeCallback(TrainerCallback):
         self._decision = GCADecision(False, 0, False, False)
         if not self._gca_on or optimizer is None:
             return
+        if self.state is not None and not component_on(self.state, self._effective, "gca"):
+            self._snapshot = None  # GCA stepped back: its rollback copy is neither kept nor saved
+            return
         if getattr(optimizer, "step_was_skipped", False):
             return
         inner = getattr(optimizer, "optimizer", optimizer)
-        if dec.rollback and self._snapshot is not None:
-            self._log("Flash Mode: GCA rollback at step %d (loss rose after virtual steps)", state.global_step)
+        if dec.rollback and self._snapshot is not None:  # the Trainer counts this step after this hook
+            self._log("Flash Mode: GCA rollback at step %d (loss rose after virtual steps)", state.global_step + 1)
         self._snapshot = gca_after_step(dec, self._params, inner, self._snapshot)
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any):

@@ -64,6 +64,7 @@ class ALASState(NamedTuple):
     stability: Tensor  # [L] float32 in [0, 1]
     activity: Tensor  # [L] float32 in [min_activity, 1]
     fidelity: Tensor  # [L] float32, last measured cosine(prediction, real); NaN before the first
+    measured_at: Tensor  # [L] int64, the update (``step`` before it) that last measured ``fidelity``; -1: never
     skip_streak: Tensor  # [L] int64, consecutive steps without a real gradient
     observed: Tensor  # [L] int64, number of real gradients seen
     avg: Tuple[Tensor, ...]  # per layer, flat: decayed normalised average of past real gradients
@@ -107,6 +108,7 @@ def alas_init(params: Sequence[Sequence[Tensor]], *, history_dtype: Optional[tor
         stability=torch.zeros(n),
         activity=torch.ones(n),
         fidelity=torch.full((n,), float("nan")),
+        measured_at=torch.full((n,), -1, dtype=torch.int64),
         skip_streak=torch.zeros(n, dtype=torch.int64),
         observed=torch.zeros(n, dtype=torch.int64),
         avg=zeros,
@@ -181,6 +183,7 @@ def alas_update(
     heat = state.heat.clone()
     stability = state.stability.clone()
     fidelity = state.fidelity.clone()
+    measured_at = state.measured_at.clone()
     streak = state.skip_streak.clone()
     observed = state.observed.clone()
     avg_weight = state.avg_weight.clone()
@@ -200,6 +203,7 @@ def alas_update(
         if pred is not None or (history and observed[i] > 0):
             cos = tree_cosine(pred if pred is not None else _predict(state, i, trend_weight), g).float()
             fidelity[i] = cos
+            measured_at[i] = state.step
             usable = ((cos - min_fidelity) / (1.0 - min_fidelity)).clamp(0.0, 1.0)
             stability[i] = ema(stability[i], usable, activity_decay)
         heat[i] = h if observed[i] == 0 else ema(heat[i], h, activity_decay)
@@ -224,6 +228,7 @@ def alas_update(
         stability=stability,
         activity=activity,
         fidelity=fidelity,
+        measured_at=measured_at,
         skip_streak=streak,
         observed=observed,
         avg=tuple(avg),

@@ -251,11 +251,12 @@ def flash_update(
     )
     sb = state.stepback
     if cfg.step_back_after and plan.active:
-        fid = alas.fidelity
+        # judged on the layers measured at this check only; a check with nothing to measure against (no
+        # prediction available) is a check without benefit too
+        fresh = alas.measured_at == state.alas.step
         sb = stepback_update(
             sb, int(state.step) + 1, step_back_after=cfg.step_back_after,
-            alas_useful=bool((fid > cfg.min_fidelity).any()) if alas_on and check and bool(torch.isfinite(fid).any())
-            else None,
+            alas_useful=bool(((alas.fidelity > cfg.min_fidelity) & fresh).any()) if alas_on and check else None,
             weighting_saved_work=False if (weights is not None and plan.weigh) else None,  # re-weighting never does
             gca_window_virtual=(int(state.gca.virtual_since_ckpt)
                                 if gca_on and decision.checkpoint and bool(state.gca.has_anchor) else None),

@@ -6,10 +6,12 @@ run itself, after which it *steps back*: it is off for the rest of the run,
 its bookkeeping stops, the event is logged by the adapters and counted in the
 statistics. ``step_back_after = 0`` turns every rule off.
 
-- **ALAS** steps back after ``step_back_after`` honest measurements in a row
-  (past the warm-up) at which no layer's prediction fidelity (cosine between
-  the prediction and the real gradient) was above ``min_fidelity``: no layer
-  is predictable enough to be skipped without losing more than it saves.
+- **ALAS** steps back after ``step_back_after`` honest checks in a row (past
+  the warm-up) at which no layer measured there had a prediction fidelity
+  (cosine between the prediction and the real gradient) above
+  ``min_fidelity`` (a check with no prediction to measure, e.g. an optimizer
+  without a first moment for ``predictor="momentum"``, counts the same): no
+  layer is predictable enough to be skipped without losing more than it saves.
 - **Sample weighting** steps back after ``step_back_after`` weighted steps in
   a row on which it saved no work. Re-weighting never does: a down-weighted
   sample costs its full forward and backward, so it cannot make training
@@ -81,7 +83,8 @@ def stepback_update(
 
     Args:
         state: the current state.
-        step: the step this evidence comes from (recorded when a component steps back).
+        step: the number of optimizer steps completed with this one (recorded in
+            ``at`` when a component steps back; ``flash_update`` passes ``state.step + 1``).
         step_back_after: consecutive measurements without benefit before a
             component steps back (0: never).
         alas_useful: ``None`` when ALAS measured nothing this step; else

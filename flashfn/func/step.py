@@ -5,12 +5,13 @@ A custom loop composes it like this (``examples/functional_loop.py`` runs it)::
     lmap = find_layers(model)
     skipper = BlockSkipper(model, lmap, cfg.alas_mechanism)
     params = dict(model.named_parameters())
-    state = flash_init_for(model, lmap, params)
+    state = flash_init_for(model, lmap, params, cfg=cfg)
     for batch in batches:
         plan = plan_step(state, cfg)
         grads, loss, aux = masked_value_and_grad(per_sample_loss, params, buffers, batch,
                                                  lmap=lmap, plan=plan, skipper=skipper)
-        state, grads, decision = finish_step(state, cfg, plan, lmap, params, grads, loss, aux.weights)
+        state, grads, decision = finish_step(state, cfg, plan, lmap, params, grads, loss, aux.weights,
+                                             optimizer=opt)  # the "momentum" predictor reads its first moment
         apply_gradients(params, grads); opt.step()
         snap = gca_after_step(decision, params, opt, snap)  # virtual steps reuse the gradients: before zero_grad
 
@@ -159,7 +160,10 @@ def finish_step(
                         for i, names in enumerate(lmap.params))
     other_grads = tuple(grads[n] for n in lmap.others) if cfg.enable_gca else None
     layer_params = split_by_layer(lmap, params)
-    reads_moments = cfg.predictor == "momentum" and optimizer is not None and component_on(state, cfg, "alas")
+    reads_moments = cfg.predictor == "momentum" and component_on(state, cfg, "alas")
+    if reads_moments and optimizer is None:
+        raise ValueError('finish_step: FlashConfig(predictor="momentum") predicts from the optimizer\'s first moment: '
+                         'pass optimizer=..., or use predictor="ema" (its own history) or "none"')
     predicted = first_moments(optimizer, layer_params) if reads_moments else None
     new_state, preds, decision = flash_update(state, cfg, plan, layer_grads, layer_params, loss,
                                               other_grads=other_grads, weights=weights, predicted=predicted)
