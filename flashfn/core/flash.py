@@ -253,10 +253,11 @@ def flash_update(
     if cfg.step_back_after and plan.active:
         # judged on the layers measured at this check only; a check with nothing to measure against (no
         # prediction available) is a check without benefit too
-        fresh = alas.measured_at == state.alas.step
+        useful = None
+        if alas_on and check:
+            useful = bool(((alas.fidelity > cfg.min_fidelity) & (alas.measured_at == state.alas.step)).any())
         sb = stepback_update(
-            sb, int(state.step) + 1, step_back_after=cfg.step_back_after,
-            alas_useful=bool(((alas.fidelity > cfg.min_fidelity) & fresh).any()) if alas_on and check else None,
+            sb, int(state.step) + 1, step_back_after=cfg.step_back_after, alas_useful=useful,
             weighting_saved_work=False if (weights is not None and plan.weigh) else None,  # re-weighting never does
             gca_window_virtual=(int(state.gca.virtual_since_ckpt)
                                 if gca_on and decision.checkpoint and bool(state.gca.has_anchor) else None),

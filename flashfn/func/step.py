@@ -108,16 +108,16 @@ def masked_value_and_grad(
     diff = {k: v.detach() for k, v in params.items() if k not in frozen_names}
     const = {k: v.detach() for k, v in params.items() if k in frozen_names}
 
+    plain_mean = sample_weights is None and normaliser is None
+
     def f(d: Dict[str, Tensor]) -> Tuple[Tensor, Tuple[Tensor, Tensor]]:
         losses = per_sample_loss({**const, **d}, buffers, batch)
-        if plan.weigh:
-            w = weigh_samples(losses, min_weight=min_sample_weight, low_loss_threshold=low_loss_threshold)
-            scale = w if sample_weights is None else w * sample_weights
-            return weighted_loss(losses, scale, normaliser), (losses.detach(), w)
-        if sample_weights is not None or normaliser is not None:
-            scale = losses.new_ones(losses.shape) if sample_weights is None else sample_weights
-            return weighted_loss(losses, scale, normaliser), (losses.detach(), losses.new_ones(()))
-        return losses.mean(), (losses.detach(), losses.new_ones(()))
+        w = (weigh_samples(losses, min_weight=min_sample_weight, low_loss_threshold=low_loss_threshold)
+             if plan.weigh else losses.new_ones(()))
+        if plain_mean and not plan.weigh:
+            return losses.mean(), (losses.detach(), w)
+        scale = w if sample_weights is None else w * sample_weights
+        return weighted_loss(losses, scale, normaliser), (losses.detach(), w)
 
     if skipper is not None:
         skipper.set(sorted(skipped), toggle_requires_grad=False)
@@ -127,11 +127,9 @@ def masked_value_and_grad(
         if skipper is not None:
             skipper.clear()
     losses, w = aux
-    if sample_weights is None and normaliser is None:
-        plain = losses.mean()
-    else:  # the unbiased estimate of the whole batch's mean loss (pruned samples are not in ``losses``)
-        plain = weighted_loss(losses, losses.new_ones(losses.shape) if sample_weights is None else sample_weights,
-                              normaliser)
+    # with pruning: the unbiased estimate of the whole batch's mean loss (pruned samples are not in ``losses``)
+    plain = losses.mean() if plain_mean else weighted_loss(
+        losses, losses.new_ones(()) if sample_weights is None else sample_weights, normaliser)
     return grads, plain, StepAux(losses, w if plan.weigh else None)
 
 
